@@ -1,0 +1,1 @@
+"""Networks, model packages (card + safetensors + ONNX) and the runtimes that run them."""

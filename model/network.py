@@ -1,0 +1,77 @@
+"""nnU-Net's 2D U-Net, built from dynamic_network_architectures with the arguments nnU-Net's plans carry.
+
+Only torch-side tools (training, export, the torch runtime, the nnU-Net importer) import this module;
+the CPU container runs the ONNX export and has no torch.
+
+Class and layer names in a plans file are strings (`_kw_requires_import`); they are resolved through an
+explicit allow-list here, never by importing whatever a file names.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+
+from preprocess.errors import ModelPackageError
+
+NETWORK_CLASSES = {
+    "dynamic_network_architectures.architectures.unet.PlainConvUNet": PlainConvUNet,
+    "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet": ResidualEncoderUNet,
+}
+_IMPORTABLE = {
+    "torch.nn.modules.conv.Conv2d": torch.nn.Conv2d,
+    "torch.nn.Conv2d": torch.nn.Conv2d,
+    "torch.nn.modules.instancenorm.InstanceNorm2d": torch.nn.InstanceNorm2d,
+    "torch.nn.InstanceNorm2d": torch.nn.InstanceNorm2d,
+    "torch.nn.modules.batchnorm.BatchNorm2d": torch.nn.BatchNorm2d,
+    "torch.nn.BatchNorm2d": torch.nn.BatchNorm2d,
+    "torch.nn.modules.dropout.Dropout2d": torch.nn.Dropout2d,
+    "torch.nn.Dropout2d": torch.nn.Dropout2d,
+    "torch.nn.LeakyReLU": torch.nn.LeakyReLU,
+    "torch.nn.modules.activation.LeakyReLU": torch.nn.LeakyReLU,
+    "torch.nn.ReLU": torch.nn.ReLU,
+    "torch.nn.modules.activation.ReLU": torch.nn.ReLU,
+}
+_REQUIRES_IMPORT = ("conv_op", "norm_op", "dropout_op", "nonlin")
+
+
+def plain_unet_kwargs(*, features_per_stage: list[int], strides: list[int], n_conv_per_stage: int = 2) -> dict:
+    """nnU-Net-style `arch_kwargs` for a 2D PlainConvUNet (3x3 kernels, InstanceNorm, LeakyReLU)."""
+    n_stages = len(features_per_stage)
+    return {
+        "n_stages": n_stages,
+        "features_per_stage": list(features_per_stage),
+        "conv_op": "torch.nn.modules.conv.Conv2d",
+        "kernel_sizes": [[3, 3]] * n_stages,
+        "strides": [[s, s] for s in strides],
+        "n_conv_per_stage": [n_conv_per_stage] * n_stages,
+        "n_conv_per_stage_decoder": [n_conv_per_stage] * (n_stages - 1),
+        "conv_bias": True,
+        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
+        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+        "dropout_op": None,
+        "dropout_op_kwargs": None,
+        "nonlin": "torch.nn.LeakyReLU",
+        "nonlin_kwargs": {"inplace": True},
+    }
+
+
+def build_network(
+    *, network_class_name: str, arch_kwargs: Mapping[str, Any], input_channels: int, num_classes: int
+) -> torch.nn.Module:
+    """Instantiate the network a model card (or nnU-Net plans) describes, without deep supervision."""
+    network_class = NETWORK_CLASSES.get(network_class_name)
+    if network_class is None:
+        raise ModelPackageError(f"unknown network class {network_class_name!r} (known: {', '.join(NETWORK_CLASSES)})")
+    kwargs = dict(arch_kwargs)
+    for key in _REQUIRES_IMPORT:
+        name = kwargs.get(key)
+        if name is None:
+            continue
+        if name not in _IMPORTABLE:
+            raise ModelPackageError(f"architecture argument {key}={name!r} is not an allowed layer type")
+        kwargs[key] = _IMPORTABLE[name]
+    kwargs.pop("_kw_requires_import", None)
+    return network_class(input_channels=input_channels, num_classes=num_classes, deep_supervision=False, **kwargs)

@@ -1,0 +1,158 @@
+"""Model packages: a folder with a model card (model.json), weights (safetensors) and an ONNX export.
+
+The card is the single source of what the pipeline needs to know about a model: label per output
+channel, training frame, pixel spacing, tile size, normalisation numbers, architecture, provenance
+and the SHA-256 of every file. Loading a package verifies those checksums. Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from model.labels import LABELS, NAMES
+from preprocess.errors import ModelPackageError
+
+CARD_NAME = "model.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """nnU-Net's CT scheme: clip HU to [clip_low, clip_high], then (x - mean) / std."""
+
+    scheme: str
+    clip_low: float
+    clip_high: float
+    mean: float
+    std: float
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    name: str
+    version: str
+    description: str
+    channel_labels: tuple[int, ...]  # canonical label value of each output channel; channel 0 is background
+    frame: str  # axis frame the network was trained in (SimpleITK DICOMOrient code), e.g. "LPS"
+    pixel_spacing_mm: tuple[float, float]  # (x, y) in the model frame
+    tile_size: tuple[int, int]  # (y, x)
+    normalization: Normalization
+    network_class_name: str
+    arch_kwargs: dict
+    input_channels: int = 1
+    tile_step_size: float = 0.5
+    gaussian_sigma_scale: float = 0.125
+    mirroring: bool = False
+    files: dict = field(default_factory=dict)  # role -> {"path", "sha256"}
+    provenance: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.channel_labels)
+
+    @property
+    def identity(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: Path) -> "ModelCard":
+        try:
+            return cls(
+                name=str(data["name"]),
+                version=str(data["version"]),
+                description=str(data.get("description", "")),
+                channel_labels=tuple(int(v) for v in data["channel_labels"]),
+                frame=str(data["frame"]).upper(),
+                pixel_spacing_mm=tuple(float(v) for v in data["pixel_spacing_mm"]),
+                tile_size=tuple(int(v) for v in data["tile_size"]),
+                normalization=Normalization(**data["normalization"]),
+                network_class_name=str(data["network_class_name"]),
+                arch_kwargs=dict(data["arch_kwargs"]),
+                input_channels=int(data.get("input_channels", 1)),
+                tile_step_size=float(data.get("tile_step_size", 0.5)),
+                gaussian_sigma_scale=float(data.get("gaussian_sigma_scale", 0.125)),
+                mirroring=bool(data.get("mirroring", False)),
+                files=dict(data.get("files", {})),
+                provenance=dict(data.get("provenance", {})),
+                metrics=dict(data.get("metrics", {})),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise ModelPackageError(f"{source}: invalid model card ({type(error).__name__}: {error})") from None
+
+    def check(self, source: Path) -> None:
+        if len(self.pixel_spacing_mm) != 2 or min(self.pixel_spacing_mm) <= 0:
+            raise ModelPackageError(f"{source}: pixel_spacing_mm must be two positive numbers")
+        if len(self.tile_size) != 2 or min(self.tile_size) < 8:
+            raise ModelPackageError(f"{source}: tile_size must be two integers >= 8")
+        if self.channel_labels[0] != 0 or len(set(self.channel_labels)) != len(self.channel_labels):
+            raise ModelPackageError(f"{source}: channel_labels must start with background 0 and be unique")
+        unknown = [v for v in self.channel_labels[1:] if v not in NAMES]
+        if unknown:
+            raise ModelPackageError(f"{source}: channel_labels {unknown} are not canonical labels (1..{len(LABELS)})")
+        if self.normalization.scheme != "CT" or self.normalization.std <= 0:
+            raise ModelPackageError(f"{source}: only nnU-Net's CT normalisation with std > 0 is supported")
+        if not 0 < self.tile_step_size <= 1:
+            raise ModelPackageError(f"{source}: tile_step_size must be in (0, 1]")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelPackage:
+    folder: Path
+    card: ModelCard
+
+    def path_of(self, role: str) -> Path:
+        entry = self.card.files.get(role)
+        if entry is None:
+            raise ModelPackageError(f"{self.folder / CARD_NAME}: the package has no {role!r} file")
+        return self.folder / entry["path"]
+
+
+def load_model_package(folder: Path, *, verify: bool = True) -> ModelPackage:
+    """Read and check a model package; with `verify`, every listed file must match its SHA-256."""
+    folder = Path(folder)
+    card_path = folder / CARD_NAME
+    if not card_path.is_file():
+        raise ModelPackageError(f"{folder}: not a model package (no {CARD_NAME})")
+    try:
+        data = json.loads(card_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelPackageError(f"{card_path}: unreadable model card ({error})") from None
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ModelPackageError(f"{card_path}: unsupported format_version {data.get('format_version')!r}")
+    card = ModelCard.from_dict(data, card_path)
+    card.check(card_path)
+    for role, entry in card.files.items():
+        path = folder / entry["path"]
+        if Path(entry["path"]).is_absolute() or ".." in Path(entry["path"]).parts:
+            raise ModelPackageError(f"{card_path}: file path {entry['path']!r} leaves the package folder")
+        if not path.is_file():
+            raise ModelPackageError(f"{card_path}: {role} file {entry['path']} is missing")
+        if verify and sha256_of(path) != entry["sha256"]:
+            raise ModelPackageError(f"{path}: SHA-256 does not match the model card (corrupt or altered)")
+    return ModelPackage(folder, card)
+
+
+def write_model_card(card: ModelCard, folder: Path) -> Path:
+    """Write model.json with checksums of the files the card lists (paths relative to `folder`)."""
+    folder = Path(folder)
+    files = {role: {"path": entry["path"], "sha256": sha256_of(folder / entry["path"])} for role, entry in card.files.items()}
+    data = {"format_version": FORMAT_VERSION, **asdict(replace(card, files=files))}
+    path = folder / CARD_NAME
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path

@@ -1,0 +1,158 @@
+"""Segment a CT volume slice by slice with a 2D network: tiles drawn across slices, many per call.
+
+Knows nothing of files or runtimes: it takes a volume already in the model's frame, its in-plane
+spacing, a model card and a callable `network(batch) -> logits`, so tests can pass a tiny network and
+every runtime plugs in the same way.
+
+For each chunk of slices (sized to a memory budget): normalise, resample in-plane to the model spacing
+(cubic), pad to at least one tile (constant 0 after normalisation, centred, as nnU-Net pads), cut
+overlapping tiles at nnU-Net's sliding-window steps, run them in batches that span slices, blend the
+logits with nnU-Net's Gaussian importance map, and take the argmax of the linearly resampled logits on
+the input grid. No mirroring: a flip would swap left and right muscles. The probability volume of all
+classes exists only for one chunk at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable, Iterator
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+from model.package import ModelCard
+from preprocess.intensity import normalize_ct
+from preprocess.resample import needs_resampling, resample_argmax, resample_slices, target_shape_yx
+
+Network = Callable[[np.ndarray], np.ndarray]
+
+#: bytes of float32 logits held at once for one chunk of slices
+DEFAULT_CHUNK_BYTES = 256 * 1024**2
+
+
+def compute_steps(image_size: tuple[int, ...], tile_size: tuple[int, ...], step_size: float) -> list[list[int]]:
+    """Tile start positions per axis, exactly as nnU-Net's compute_steps_for_sliding_window."""
+    steps = []
+    for size, tile in zip(image_size, tile_size):
+        if size < tile:
+            raise ValueError(f"image size {size} is smaller than tile {tile}; pad first")
+        n = int(np.ceil((size - tile) / (tile * step_size))) + 1
+        actual = (size - tile) / (n - 1) if n > 1 else 0.0
+        steps.append([int(np.round(actual * i)) for i in range(n)])
+    return steps
+
+
+@lru_cache(maxsize=8)
+def gaussian_importance(tile_size: tuple[int, int], sigma_scale: float = 1.0 / 8, value_scaling_factor: float = 10.0) -> np.ndarray:
+    """nnU-Net's compute_gaussian: a centred Gaussian, max scaled to `value_scaling_factor`, no zeros."""
+    delta = np.zeros(tile_size, dtype=np.float64)
+    delta[tuple(t // 2 for t in tile_size)] = 1
+    gauss = gaussian_filter(delta, [t * sigma_scale for t in tile_size], mode="constant", cval=0)
+    gauss = gauss / gauss.max() * value_scaling_factor
+    gauss[gauss == 0] = gauss[gauss != 0].min()
+    gauss = gauss.astype(np.float32)
+    gauss.setflags(write=False)
+    return gauss
+
+
+def padding_for(shape_yx: tuple[int, int], tile_size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Centred padding that brings each axis up to at least the tile size (nnU-Net's pad_nd_image)."""
+    pads = []
+    for size, tile in zip(shape_yx, tile_size):
+        missing = max(0, tile - size)
+        pads.append((missing // 2, missing - missing // 2))
+    return tuple(pads)
+
+
+@dataclass
+class SegmentStats:
+    """What segmenting a volume cost, per stage (seconds) and in network calls."""
+
+    seconds: dict = field(default_factory=lambda: {"normalize_resample": 0.0, "network": 0.0, "blend": 0.0, "resample_back_argmax": 0.0})
+    tiles: int = 0
+    network_calls: int = 0
+
+
+def iter_chunks(n_slices: int, chunk: int) -> Iterator[slice]:
+    for start in range(0, n_slices, chunk):
+        yield slice(start, min(n_slices, start + chunk))
+
+
+def segment_volume(
+    volume_zyx: np.ndarray,
+    *,
+    pixel_spacing_mm: tuple[float, float],
+    card: ModelCard,
+    network: Network,
+    batch_size: int = 4,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    progress: Callable[[int], None] | None = None,
+    stats: SegmentStats | None = None,
+) -> np.ndarray:
+    """Label map (uint8, canonical label values) of a HU volume given in the model's frame.
+
+    `pixel_spacing_mm` is the (x, y) spacing of `volume_zyx`; `progress(n)` is called with each
+    finished number of slices.
+    """
+    if volume_zyx.ndim != 3:
+        raise ValueError(f"expected a (z, y, x) volume, got shape {volume_zyx.shape}")
+    stats = stats if stats is not None else SegmentStats()
+    n_slices, height, width = volume_zyx.shape
+    tile = tuple(card.tile_size)
+    resample = needs_resampling(pixel_spacing_mm, card.pixel_spacing_mm)
+    model_shape = target_shape_yx((height, width), pixel_spacing_mm, card.pixel_spacing_mm) if resample else (height, width)
+    pads = padding_for(model_shape, tile)
+    padded = tuple(s + p[0] + p[1] for s, p in zip(model_shape, pads))
+    steps = compute_steps(padded, tile, card.tile_step_size)
+    offsets = [(y, x) for y in steps[0] for x in steps[1]]
+    gauss = gaussian_importance(tile, card.gaussian_sigma_scale)
+    weight = np.zeros(padded, dtype=np.float32)
+    for y, x in offsets:
+        weight[y : y + tile[0], x : x + tile[1]] += gauss
+    inverse_weight = 1.0 / weight
+    n_classes = card.num_classes
+    per_slice = n_classes * padded[0] * padded[1] * 4
+    chunk = max(1, min(n_slices, chunk_bytes // per_slice))
+    if chunk >= len(offsets) and batch_size > len(offsets):  # whole batches of tiles where possible
+        chunk = max(1, (chunk * len(offsets) // batch_size) * batch_size // len(offsets))
+    channel_labels = np.asarray(card.channel_labels, dtype=np.uint8)
+    norm = card.normalization
+    labels = np.empty(volume_zyx.shape, dtype=np.uint8)
+
+    for part in iter_chunks(n_slices, chunk):
+        started = time.perf_counter()
+        data = normalize_ct(volume_zyx[part], clip_low=norm.clip_low, clip_high=norm.clip_high, mean=norm.mean, std=norm.std)
+        if resample:
+            data = resample_slices(data, model_shape, order=3)
+        if any(p != (0, 0) for p in pads):
+            data = np.pad(data, ((0, 0), *pads), mode="constant", constant_values=0)
+        stats.seconds["normalize_resample"] += time.perf_counter() - started
+
+        logits = np.zeros((data.shape[0], n_classes, *padded), dtype=np.float32)
+        jobs = [(s, y, x) for s in range(data.shape[0]) for y, x in offsets]
+        for first in range(0, len(jobs), batch_size):
+            batch_jobs = jobs[first : first + batch_size]
+            batch = np.stack([data[s, y : y + tile[0], x : x + tile[1]] for s, y, x in batch_jobs])[:, None]
+            started = time.perf_counter()
+            out = network(batch)
+            stats.seconds["network"] += time.perf_counter() - started
+            stats.network_calls += 1
+            stats.tiles += len(batch_jobs)
+            started = time.perf_counter()
+            out *= gauss
+            for (s, y, x), tile_logits in zip(batch_jobs, out):
+                logits[s, :, y : y + tile[0], x : x + tile[1]] += tile_logits
+            stats.seconds["blend"] += time.perf_counter() - started
+
+        started = time.perf_counter()
+        logits *= inverse_weight
+        logits = logits[:, :, pads[0][0] : pads[0][0] + model_shape[0], pads[1][0] : pads[1][0] + model_shape[1]]
+        channels = resample_argmax(logits, (height, width))
+        labels[part] = channel_labels[channels]
+        stats.seconds["resample_back_argmax"] += time.perf_counter() - started
+        del logits
+        if progress is not None:
+            progress(part.stop - part.start)
+    return labels

@@ -1,0 +1,1 @@
+"""Reading CT, reorienting, normalising and resampling: each forward step with its inverse."""

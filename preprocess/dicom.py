@@ -1,0 +1,128 @@
+"""DICOM series logic: pick the CT series in a folder, order slices along the normal, refuse gaps.
+
+pydicom reads headers only; SimpleITK (GDCM) decodes each slice's pixels, rescale applied.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.errors import InvalidDicomError
+
+from preprocess.errors import InputError
+from preprocess.geometry import Geometry
+
+#: relative tolerance on slice spacing before a series counts as having gaps
+SPACING_TOLERANCE = 0.05
+
+
+def _read_header(path: Path):
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def _series_key(header) -> tuple:
+    uid = str(header.get("SeriesInstanceUID", "") or "").strip()
+    if uid:
+        return ("uid", uid)
+    orientation = tuple(np.round(np.asarray(header.ImageOrientationPatient, dtype=float), 4))
+    spacing = tuple(np.round(np.asarray(header.PixelSpacing, dtype=float), 4))
+    return ("geometry", orientation, spacing, int(header.Rows), int(header.Columns))
+
+
+def list_ct_slices(folder: Path) -> list[tuple[Path, object]]:
+    """Headers of the CT image slices of the one CT series in `folder` (searched recursively)."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise InputError(f"{folder}: folder is empty")
+    series: dict[tuple, list] = defaultdict(list)
+    other_modalities = set()
+    for path in files:
+        header = _read_header(path)
+        if header is None or "ImagePositionPatient" not in header or "ImageOrientationPatient" not in header:
+            continue
+        modality = str(header.get("Modality", ""))
+        if modality != "CT":
+            other_modalities.add(modality or "unknown")
+            continue
+        if int(header.get("NumberOfFrames", 1) or 1) > 1:
+            raise InputError(f"{path}: multi-frame (enhanced) CT is not supported; export single-frame slices")
+        series[_series_key(header)].append((path, header))
+    if not series:
+        found = f" (found modality {', '.join(sorted(other_modalities))})" if other_modalities else ""
+        raise InputError(f"{folder}: no CT image slices found{found}")
+    if len(series) > 1:
+        sizes = ", ".join(str(len(v)) for v in series.values())
+        raise InputError(f"{folder}: holds {len(series)} CT series ({sizes} slices); give one series per folder")
+    return next(iter(series.values()))
+
+
+def sort_slices(slices: list[tuple[Path, object]], folder: Path) -> tuple[list[Path], Geometry]:
+    """Order slices along the slice normal and derive the volume geometry; refuse gaps and duplicates."""
+    first = slices[0][1]
+    row_cosine, col_cosine = np.asarray(first.ImageOrientationPatient, dtype=float).reshape(2, 3)
+    normal = np.cross(row_cosine, col_cosine)
+    positions = np.array([np.asarray(h.ImagePositionPatient, dtype=float) for _, h in slices])
+    for path, header in slices:
+        if not np.allclose(np.asarray(header.ImageOrientationPatient, dtype=float), first.ImageOrientationPatient, atol=1e-3):
+            raise InputError(f"{path}: slice orientation differs from the rest of the series in {folder}")
+        if (int(header.Rows), int(header.Columns)) != (int(first.Rows), int(first.Columns)):
+            raise InputError(f"{path}: slice size differs from the rest of the series in {folder}")
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    along = along[order]
+    steps = np.diff(along)
+    if len(steps):
+        if np.any(steps < 1e-3):
+            raise InputError(f"{folder}: two slices share the same position ({along[np.argmax(steps < 1e-3)]:.2f} mm)")
+        step = float(np.median(steps))
+        bad = np.abs(steps - step) > SPACING_TOLERANCE * step
+        if np.any(bad):
+            where = int(np.argmax(bad))
+            raise InputError(
+                f"{folder}: slice spacing is not uniform (gap of {steps[where]:.2f} mm where {step:.2f} mm is "
+                f"expected, after position {along[where]:.2f} mm): missing slices?"
+            )
+    else:
+        step = float(first.get("SliceThickness", 1.0) or 1.0)
+    pixel_spacing = [float(v) for v in first.PixelSpacing]  # (row spacing = y, column spacing = x)
+    direction = np.column_stack([row_cosine, col_cosine, normal])
+    geometry = Geometry(
+        size_xyz=(int(first.Columns), int(first.Rows), len(slices)),
+        spacing_mm=(pixel_spacing[1], pixel_spacing[0], step),
+        origin_mm=tuple(float(v) for v in positions[order[0]]),
+        direction=tuple(float(v) for v in direction.ravel()),
+    )
+    return [slices[i][0] for i in order], geometry
+
+
+def read_dicom_series(folder: Path) -> tuple[np.ndarray, Geometry]:
+    """Read the single CT series in `folder` as HU (volume_zyx, Geometry)."""
+    folder = Path(folder)
+    paths, geometry = sort_slices(list_ct_slices(folder), folder)
+    volume = None
+    for index, path in enumerate(paths):
+        try:
+            pixels = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        except RuntimeError as error:
+            raise InputError(f"{path}: cannot decode pixel data ({str(error).strip().splitlines()[-1][:160]})") from None
+        pixels = pixels.reshape(pixels.shape[-2:]) if pixels.size == geometry.size_xyz[0] * geometry.size_xyz[1] else None
+        if pixels is None:
+            raise InputError(f"{path}: pixel data does not match its Rows/Columns")
+        if volume is None:
+            dtype = np.int16 if pixels.dtype.kind in "iu" else np.float32
+            volume = np.empty(geometry.shape_zyx, dtype=dtype)
+        if volume.dtype == np.int16 and pixels.dtype.kind in "iu" and (pixels.min() < -32768 or pixels.max() > 32767):
+            volume = volume.astype(np.float32)
+        if pixels.dtype.kind == "f" and volume.dtype == np.int16:
+            volume = volume.astype(np.float32)
+        volume[index] = pixels
+    if volume.dtype.kind == "f" and not np.isfinite(volume).all():
+        raise InputError(f"{folder}: DICOM series decodes to NaN or infinite voxels")
+    return volume, geometry

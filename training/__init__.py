@@ -1,0 +1,1 @@
+"""Training-side tools: the synthetic trunk phantom, sparse labels, and the demo model's training script."""
