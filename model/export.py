@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-INPUT_NAME = "image"
-OUTPUT_NAME = "logits"
+from model.package import INPUT_NAME, OUTPUT_NAME
+
 OPSET = 17
 
 

@@ -17,6 +17,9 @@ from model.labels import LABELS, NAMES
 from preprocess.errors import ModelPackageError
 
 CARD_NAME = "model.json"
+#: names of the ONNX export's input (batch, channels, tile_y, tile_x) and output (batch, classes, tile_y, tile_x)
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
 FORMAT_VERSION = 1
 
 

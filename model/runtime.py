@@ -19,8 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
-from model.export import INPUT_NAME, OUTPUT_NAME
-from model.package import ModelPackage
+from model.package import INPUT_NAME, OUTPUT_NAME, ModelPackage
 from preprocess.errors import ModelPackageError, RuntimeUnavailableError
 
 RUNTIMES = ("auto", "onnxruntime", "torch", "tensorrt")
