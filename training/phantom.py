@@ -209,13 +209,21 @@ def make_phantom(
     *,
     size_xy: tuple[int, int] = (256, 256),
     spacing_mm: tuple[float, float, float] = (1.5, 1.5, 3.0),
+    n_slices: int | None = None,
     chunk: int = 16,
 ) -> Phantom:
-    """Make a trunk phantom from the top of T4 to the bottom of L4."""
+    """Make a trunk phantom from the top of T4 to the bottom of L4.
+
+    With `n_slices`, the slice spacing is chosen so that T4-L4 fills exactly that many slices
+    (spacing_mm[2] is then ignored).
+    """
     rng = np.random.default_rng(seed)
     anatomy = _draw_anatomy(rng)
     bottom = anatomy.level_top_mm[-1]
-    n_slices = max(1, int(np.floor(-bottom / spacing_mm[2])))
+    if n_slices is not None:
+        spacing_mm = (spacing_mm[0], spacing_mm[1], float(-bottom / n_slices))
+    else:
+        n_slices = max(1, int(np.floor(-bottom / spacing_mm[2])))
     z_mm = bottom + (np.arange(n_slices) + 0.5) * spacing_mm[2]  # caudal to cranial (LPS: +z superior)
     x_mm = (np.arange(size_xy[0]) - (size_xy[0] - 1) / 2) * spacing_mm[0]
     y_mm = (np.arange(size_xy[1]) - (size_xy[1] - 1) / 2) * spacing_mm[1]
@@ -254,3 +262,50 @@ def make_annotated_slices(
     x_mm = (np.arange(size_xy[0]) - (size_xy[0] - 1) / 2) * pixel_spacing_mm
     y_mm = (np.arange(size_xy[1]) - (size_xy[1] - 1) / 2) * pixel_spacing_mm
     return _render(anatomy, z_mm, x_mm, y_mm, rng)
+
+
+def write_phantom(phantom: Phantom, folder, *, name: str) -> dict:
+    """Write <name>.mha (CT), <name>_labels.mha (dense), <name>_sparse.mha (reader's sparse labels) and <name>_levels.json."""
+    import json
+    from pathlib import Path
+
+    import SimpleITK as sitk
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "ct": folder / f"{name}.mha",
+        "labels": folder / f"{name}_labels.mha",
+        "sparse_labels": folder / f"{name}_sparse.mha",
+        "levels": folder / f"{name}_levels.json",
+    }
+    for key in ("ct", "labels", "sparse_labels"):
+        array = {"ct": phantom.ct_zyx, "labels": phantom.labels_zyx, "sparse_labels": phantom.sparse_labels_zyx}[key]
+        sitk.WriteImage(phantom.geometry.apply_to(sitk.GetImageFromArray(array)), str(paths[key]), useCompression=True)
+    levels = {
+        "levels": list(LEVELS),
+        "mid_slice_of_level": {level: int(s) for level, s in zip(LEVELS, phantom.mid_slices)},
+        "level_of_slice": [LEVELS[i] if i >= 0 else None for i in phantom.level_of_slice.tolist()],
+    }
+    paths["levels"].write_text(json.dumps(levels, indent=1) + "\n")
+    return paths
+
+
+def main() -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a synthetic trunk phantom (CT, dense and sparse labels, levels).")
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--size", type=int, nargs=2, default=(256, 256), metavar=("X", "Y"))
+    parser.add_argument("--spacing", type=float, nargs=3, default=(1.5, 1.5, 3.0), metavar=("X", "Y", "Z"))
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--name", default=None, help="file name stem (default phantom-<seed>)")
+    args = parser.parse_args()
+    phantom = make_phantom(args.seed, size_xy=tuple(args.size), spacing_mm=tuple(args.spacing))
+    for path in write_phantom(phantom, args.out, name=args.name or f"phantom-{args.seed}").values():
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
