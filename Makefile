@@ -17,7 +17,8 @@ $(STAMP): requirements/*.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m training.demo
+	$(PY) process.py --input samples/demo/ct --output demo-output
+	@echo "demo: label map in demo-output/images/muscle-segmentation/, measures in demo-output/results.json"
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
