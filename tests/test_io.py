@@ -201,3 +201,19 @@ def test_dicom_slice_order_does_not_depend_on_file_names(ts_example, tmp_path):
     b, gb = read_ct(ts_example / "example_ct_dicom")
     np.testing.assert_array_equal(a, b)
     assert ga == gb
+
+
+def test_jpeg_ls_series_reads_the_same_hu_as_jpeg_2000(ts_example, tmp_path):
+    """Re-encode the real JPEG 2000 series as JPEG-LS lossless (pydicom + pyjpegls); the HU must not change."""
+    pytest.importorskip("jpeg_ls", reason="pyjpegls (test dependency) encodes JPEG-LS")
+    from pydicom.uid import JPEGLSLossless
+
+    def edit(index, ds):
+        ds.compress(JPEGLSLossless, ds.pixel_array)
+
+    folder = _copy_series(ts_example / "example_ct_dicom", tmp_path / "jls", edit)
+    assert pydicom.dcmread(next(folder.iterdir())).file_meta.TransferSyntaxUID == JPEGLSLossless
+    a, ga = read_ct(folder)
+    b, gb = read_ct(ts_example / "example_ct_dicom")
+    np.testing.assert_array_equal(a, b)
+    assert ga == gb
