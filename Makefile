@@ -14,6 +14,7 @@ $(STAMP): requirements/*.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements/dev.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements/no-deps.txt
+	$(PY) -m pip install --quiet -c requirements/constraints.txt -r requirements/nnunet-test.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
