@@ -1,0 +1,112 @@
+"""Which label values are scored, under which names, and which value marks unannotated voxels.
+
+A labels file is JSON in one of three shapes:
+- the product's own table (model/labels.json): {"labels": {name: value}, "ignore": 255, ...};
+- an nnU-Net v2 dataset.json: {"labels": {"background": 0, name: value, ..., "ignore": N}, ...};
+- a flat map {name: value}.
+"background" (must be 0) is dropped; "ignore" (inside "labels" as nnU-Net writes it, or at the top
+level) names the ignore value. Region-based nnU-Net labels (lists of values) are refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from evaluation.errors import ConfigError
+from model import labels as canonical
+
+DEFAULT_IGNORE = 255
+CANONICAL_SOURCE = "model/labels.json"
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """Scored labels in value order, and the ignore value (None: the labels file names none)."""
+
+    names: tuple[str, ...]
+    values: tuple[int, ...]
+    ignore: int | None
+    source: str
+
+    @property
+    def max_value(self) -> int:
+        return max(self.values)
+
+    def name_of(self, value: int) -> str:
+        return self.names[self.values.index(value)]
+
+
+def canonical_label_set() -> LabelSet:
+    """The 22 canonical muscles of model/labels.py, ignore value 255."""
+    return LabelSet(
+        names=tuple(canonical.LABELS.keys()),
+        values=tuple(canonical.LABELS.values()),
+        ignore=canonical.IGNORE,
+        source=CANONICAL_SOURCE,
+    )
+
+
+def _as_label_value(value, *, name: str, path: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, list):
+            raise ConfigError(f"{path}: label {name!r} is region-based ({value}); only one value per label is supported")
+        raise ConfigError(f"{path}: label {name!r} has value {value!r}, expected an integer")
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"{path}: label {name!r} has value {value}, expected 0..65535")
+    return value
+
+
+def load_label_set(path: Path) -> LabelSet:
+    """Read a labels file (product table, nnU-Net dataset.json or flat map); see the module docstring."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: labels file not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read labels file ({error})") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: labels file is not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: labels file must hold a JSON object")
+    table = data.get("labels", data)
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: 'labels' must be an object of name -> value")
+    ignore = None
+    pairs: list[tuple[str, int]] = []
+    for name, value in table.items():
+        if name == "ignore":
+            ignore = _as_label_value(value, name=name, path=path)
+        elif name == "background":
+            if _as_label_value(value, name=name, path=path) != 0:
+                raise ConfigError(f"{path}: 'background' must be 0, got {value}")
+        else:
+            pairs.append((str(name), _as_label_value(value, name=name, path=path)))
+    if "labels" in data and "ignore" in data and not isinstance(data["ignore"], dict):
+        top = _as_label_value(data["ignore"], name="ignore", path=path)
+        if ignore is not None and ignore != top:
+            raise ConfigError(f"{path}: two different ignore values ({ignore} in 'labels', {top} at the top level)")
+        ignore = top
+    if not pairs:
+        raise ConfigError(f"{path}: labels file names no labels")
+    pairs.sort(key=lambda pair: pair[1])
+    values = [value for _, value in pairs]
+    if 0 in values:
+        raise ConfigError(f"{path}: value 0 is background and cannot be a scored label ({pairs[values.index(0)][0]!r})")
+    if len(set(values)) != len(values):
+        duplicates = sorted({v for v in values if values.count(v) > 1})
+        raise ConfigError(f"{path}: label values used twice: {duplicates}")
+    if ignore is not None and ignore in values:
+        raise ConfigError(f"{path}: ignore value {ignore} is also a label value")
+    return LabelSet(names=tuple(n for n, _ in pairs), values=tuple(values), ignore=ignore, source=str(path))
+
+
+def with_ignore(label_set: LabelSet, ignore: int) -> LabelSet:
+    """The same labels with an explicit ignore value (from the command line)."""
+    if ignore in label_set.values:
+        raise ConfigError(f"ignore value {ignore} is also a label value in {label_set.source}")
+    if ignore == 0:
+        raise ConfigError("ignore value 0 is background")
+    return LabelSet(names=label_set.names, values=label_set.values, ignore=ignore, source=label_set.source)
