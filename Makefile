@@ -19,7 +19,9 @@ $(STAMP): requirements/*.txt
 
 demo: $(STAMP)
 	$(PY) process.py --input samples/demo/ct --output demo-output
-	@echo "demo: label map in demo-output/images/muscle-segmentation/, measures in demo-output/results.json"
+	$(PY) -m evaluation --predictions demo-output/images/muscle-segmentation --ground-truth samples/demo/ground-truth --output demo-output/evaluation
+	@echo "demo: label map in demo-output/images/muscle-segmentation/, measures in demo-output/results.json,"
+	@echo "      Dice/HD95/NSD against the sparse ground truth in demo-output/evaluation/ (metrics.json, metrics.png)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
