@@ -134,6 +134,7 @@ def write_image_atomically(image: sitk.Image, path: Path) -> None:
         raise OutputError(f"{path.parent}: cannot write output ({error.strerror})") from None
     try:
         sitk.WriteImage(image, temp, useCompression=True)
+        os.chmod(temp, 0o644)  # mkstemp makes 0600: readers of the output are often another user
         os.replace(temp, path)
     except (RuntimeError, OSError) as error:
         Path(temp).unlink(missing_ok=True)
