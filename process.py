@@ -73,7 +73,7 @@ def run_case(case: Case, *, package: ModelPackage, runtime, choice: RuntimeChoic
     started = time.perf_counter()
     labels = segment_volume(
         model_frame, pixel_spacing_mm=reorientation.spacing_mm[:2], card=package.card, network=runtime,
-        batch_size=batch_size, progress=bar.update if bar else None, stats=stats,
+        batch_size=batch_size, progress=bar.update if bar else None, stats=stats, slice_spacing_mm=reorientation.spacing_mm[2],
     )
     if bar:
         bar.close()

@@ -35,6 +35,22 @@ _IMPORTABLE = {
     "torch.nn.modules.activation.ReLU": torch.nn.ReLU,
 }
 _REQUIRES_IMPORT = ("conv_op", "norm_op", "dropout_op", "nonlin")
+#: several folds of one architecture (an imported nnU-Net ensemble): arch_kwargs {n_folds, network_class_name, arch_kwargs}
+ENSEMBLE_CLASS = "model.network.FoldEnsemble"
+
+
+class FoldEnsemble(torch.nn.Module):
+    """Folds of one architecture; the output is the mean of their logits, as nnUNetPredictor averages folds."""
+
+    def __init__(self, networks: list[torch.nn.Module]):
+        super().__init__()
+        self.folds = torch.nn.ModuleList(networks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.folds[0](x)
+        for network in self.folds[1:]:
+            out = out + network(x)
+        return out / len(self.folds)
 
 
 def plain_unet_kwargs(*, features_per_stage: list[int], strides: list[int], n_conv_per_stage: int = 2) -> dict:
@@ -62,6 +78,16 @@ def build_network(
     *, network_class_name: str, arch_kwargs: Mapping[str, Any], input_channels: int, num_classes: int
 ) -> torch.nn.Module:
     """Instantiate the network a model card (or nnU-Net plans) describes, without deep supervision."""
+    if network_class_name == ENSEMBLE_CLASS:
+        inner = arch_kwargs.get("network_class_name")
+        n_folds = arch_kwargs.get("n_folds")
+        if inner == ENSEMBLE_CLASS or not isinstance(n_folds, int) or n_folds < 1:
+            raise ModelPackageError(f"invalid fold ensemble arguments (n_folds {n_folds!r}, network {inner!r})")
+        return FoldEnsemble([
+            build_network(network_class_name=inner, arch_kwargs=arch_kwargs.get("arch_kwargs", {}),
+                          input_channels=input_channels, num_classes=num_classes)
+            for _ in range(n_folds)
+        ])
     network_class = NETWORK_CLASSES.get(network_class_name)
     if network_class is None:
         raise ModelPackageError(f"unknown network class {network_class_name!r} (known: {', '.join(NETWORK_CLASSES)})")

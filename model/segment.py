@@ -5,11 +5,12 @@ spacing, a model card and a callable `network(batch) -> logits`, so tests can pa
 every runtime plugs in the same way.
 
 For each chunk of slices (sized to a memory budget): normalise, resample in-plane to the model spacing
-(cubic), pad to at least one tile (constant 0 after normalisation, centred, as nnU-Net pads), cut
-overlapping tiles at nnU-Net's sliding-window steps, run them in batches that span slices, blend the
-logits with nnU-Net's Gaussian importance map, and take the argmax of the linearly resampled logits on
-the input grid. No mirroring: a flip would swap left and right muscles. The probability volume of all
-classes exists only for one chunk at a time.
+(cubic, clipped to the input's value range as nnU-Net's skimage resize clips it), pad to at least one
+tile (constant 0 after normalisation, centred, as nnU-Net pads), cut overlapping tiles at nnU-Net's
+sliding-window steps, run them in batches that span slices, blend the logits with nnU-Net's Gaussian
+importance map, and take the argmax of the linearly resampled logits on the input grid. No mirroring:
+a flip would swap left and right muscles. The probability volume of all classes exists only for one
+chunk at a time.
 """
 
 from __future__ import annotations
@@ -30,6 +31,30 @@ Network = Callable[[np.ndarray], np.ndarray]
 
 #: bytes of float32 logits held at once for one chunk of slices
 DEFAULT_CHUNK_BYTES = 256 * 1024**2
+
+
+#: nnU-Net's ANISO_THRESHOLD: slices resampled one by one when max/min spacing exceeds it
+ANISO_THRESHOLD = 3.0
+
+
+def clip_bounds_per_slice(
+    slice_spacing_mm: float | None, pixel_spacing_mm: tuple[float, float], target_mm: tuple[float, float]
+) -> bool:
+    """Whether nnU-Net's cubic resampling clips to each slice's range (True) or to the volume's (False).
+
+    skimage's resize (nnU-Net's resampler) clips its output to the input's min/max. nnU-Net resizes
+    slice by slice when the spacing is anisotropic (determine_do_sep_z_and_axis: max/min spacing > 3
+    before or after resampling, with the slice axis the single coarsest one), else the whole volume at
+    once, so the bounds are per slice or per volume. Unknown slice spacing: per slice.
+    """
+    if slice_spacing_mm is None:
+        return True
+    for spacing in ((slice_spacing_mm, *pixel_spacing_mm), (slice_spacing_mm, *target_mm)):
+        spacing = np.asarray(spacing, dtype=np.float64)
+        if spacing.max() / spacing.min() > ANISO_THRESHOLD:
+            coarsest = np.nonzero(spacing.max() / spacing == 1)[0]
+            return len(coarsest) == 1 and coarsest[0] == 0
+    return False
 
 
 def compute_steps(image_size: tuple[int, ...], tile_size: tuple[int, ...], step_size: float) -> list[list[int]]:
@@ -90,11 +115,13 @@ def segment_volume(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: Callable[[int], None] | None = None,
     stats: SegmentStats | None = None,
+    slice_spacing_mm: float | None = None,
 ) -> np.ndarray:
     """Label map (uint8, canonical label values) of a HU volume given in the model's frame.
 
     `pixel_spacing_mm` is the (x, y) spacing of `volume_zyx`; `progress(n)` is called with each
-    finished number of slices.
+    finished number of slices. `slice_spacing_mm` (the spacing between slices) decides, as in nnU-Net,
+    whether the resampled image is clipped to each slice's value range or to the volume's.
     """
     if volume_zyx.ndim != 3:
         raise ValueError(f"expected a (z, y, x) volume, got shape {volume_zyx.shape}")
@@ -120,12 +147,21 @@ def segment_volume(
     channel_labels = np.asarray(card.channel_labels, dtype=np.uint8)
     norm = card.normalization
     labels = np.empty(volume_zyx.shape, dtype=np.uint8)
+    per_slice_bounds = clip_bounds_per_slice(slice_spacing_mm, pixel_spacing_mm, card.pixel_spacing_mm)
+    if resample and not per_slice_bounds:  # normalisation is monotone: the volume's bounds from its HU extremes
+        extremes = np.array([volume_zyx.min(), volume_zyx.max()], dtype=np.float32)
+        volume_bounds = normalize_ct(extremes, clip_low=norm.clip_low, clip_high=norm.clip_high, mean=norm.mean, std=norm.std)
 
     for part in iter_chunks(n_slices, chunk):
         started = time.perf_counter()
         data = normalize_ct(volume_zyx[part], clip_low=norm.clip_low, clip_high=norm.clip_high, mean=norm.mean, std=norm.std)
         if resample:
+            if per_slice_bounds:
+                low, high = data.min(axis=(1, 2))[:, None, None], data.max(axis=(1, 2))[:, None, None]
+            else:
+                low, high = volume_bounds
             data = resample_slices(data, model_shape, order=3)
+            np.clip(data, low, high, out=data)  # as skimage's resize (nnU-Net's resampler) clips cubic overshoot
         if any(p != (0, 0) for p in pads):
             data = np.pad(data, ((0, 0), *pads), mode="constant", constant_values=0)
         stats.seconds["normalize_resample"] += time.perf_counter() - started
