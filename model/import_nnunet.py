@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from model.labels import LABELS, NAMES
-from model.package import ModelCard, Normalization, sha256_of, write_model_card
+from model.package import NNUNET_LAYERS, ModelCard, Normalization, sha256_of, write_model_card
 from preprocess.errors import ModelPackageError, TrunkSegError
 
 PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
@@ -224,13 +224,7 @@ def architecture_of(config: dict, config_name: str) -> tuple[str, dict]:
                 "strides": config["pool_op_kernel_sizes"],
                 blocks: config["n_conv_per_stage_encoder"],
                 "n_conv_per_stage_decoder": config["n_conv_per_stage_decoder"],
-                "conv_bias": True,
-                "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
-                "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-                "dropout_op": None,
-                "dropout_op_kwargs": None,
-                "nonlin": "torch.nn.LeakyReLU",
-                "nonlin_kwargs": {"inplace": True},
+                **NNUNET_LAYERS,
             }
         except KeyError as error:
             raise ModelPackageError(f"plans.json: older-format configuration {config_name!r} lacks {error}") from None

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
+from model.package import NNUNET_LAYERS
 from preprocess.errors import ModelPackageError
 
 NETWORK_CLASSES = {
@@ -64,13 +65,7 @@ def plain_unet_kwargs(*, features_per_stage: list[int], strides: list[int], n_co
         "strides": [[s, s] for s in strides],
         "n_conv_per_stage": [n_conv_per_stage] * n_stages,
         "n_conv_per_stage_decoder": [n_conv_per_stage] * (n_stages - 1),
-        "conv_bias": True,
-        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
-        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-        "dropout_op": None,
-        "dropout_op_kwargs": None,
-        "nonlin": "torch.nn.LeakyReLU",
-        "nonlin_kwargs": {"inplace": True},
+        **NNUNET_LAYERS,
     }
 
 

@@ -20,6 +20,17 @@ CARD_NAME = "model.json"
 #: names of the ONNX export's input (batch, channels, tile_y, tile_x) and output (batch, classes, tile_y, tile_x)
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
+
+#: the layer settings nnU-Net's 2D plans use (bias, InstanceNorm, no dropout, LeakyReLU)
+NNUNET_LAYERS = {
+    "conv_bias": True,
+    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
+    "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+    "dropout_op": None,
+    "dropout_op_kwargs": None,
+    "nonlin": "torch.nn.LeakyReLU",
+    "nonlin_kwargs": {"inplace": True},
+}
 FORMAT_VERSION = 1
 
 
