@@ -120,7 +120,7 @@ def results_from_package(package_dir: Path, work: Path) -> Path:
     from model.labels import NAMES
     from model.network import build_network
     from model.package import load_model_package
-    from tests.nnunet_helpers import save_nnunet_checkpoint
+    from tests.nnunet_helpers import NNUNET_2D_PREPROCESSING, save_nnunet_checkpoint
 
     card = load_model_package(package_dir).card
     norm = card.normalization
@@ -137,12 +137,7 @@ def results_from_package(package_dir: Path, work: Path) -> Path:
             "data_identifier": "nnUNetPlans_2d", "preprocessor_name": "DefaultPreprocessor", "batch_size": 12,
             "patch_size": list(card.tile_size), "median_image_size_in_voxels": list(card.tile_size),
             "spacing": [card.pixel_spacing_mm[1], card.pixel_spacing_mm[0]],
-            "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
-            "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
-            "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-            "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-            "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-            "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
+            **NNUNET_2D_PREPROCESSING,
             "architecture": {"network_class_name": card.network_class_name, "arch_kwargs": card.arch_kwargs,
                              "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
             "batch_dice": True,

@@ -36,6 +36,17 @@ CONFIGURATION = "2d"
 TINY_FEATURES = 32
 
 
+
+#: the CT normalisation and resampling entries of an nnU-Net v2 2D plans configuration, as nnU-Net writes them
+NNUNET_2D_PREPROCESSING = {
+    "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
+    "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
+    "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+    "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+    "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+    "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
+}
+
 def nnunet_importable() -> bool:
     return importlib.util.find_spec("nnunetv2") is not None
 

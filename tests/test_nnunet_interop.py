@@ -225,12 +225,7 @@ def _plans(architecture: dict | None = None, *, old_format: bool = False, networ
     config = {
         "data_identifier": "nnUNetPlans_2d", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
         "patch_size": [64, 64], "median_image_size_in_voxels": [64.0, 64.0], "spacing": [2.0, 2.0],
-        "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
-        "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
-        "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-        "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-        "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-        "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
+        **nh.NNUNET_2D_PREPROCESSING,
         "batch_dice": True,
     }
     blocks = "n_conv_per_stage" if network == PLAIN else "n_blocks_per_stage"
