@@ -54,3 +54,7 @@ def store_in_frame(volume_zyx: np.ndarray, geometry, frame: str):
     image = geometry.apply_to(sitk.GetImageFromArray(volume_zyx))
     oriented = sitk.DICOMOrient(image, frame)
     return sitk.GetArrayFromImage(oriented), dict(spacing=oriented.GetSpacing(), origin=oriented.GetOrigin(), direction=oriented.GetDirection())
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (and, for TensorRT tests, TensorRT); skipped with the reason where missing")
