@@ -1,0 +1,174 @@
+"""PyTorch on CUDA as a runtime: fp16 autocast (normalisation layers in float32), channels_last, CUDA graphs.
+
+The second GPU runtime, and the fallback when TensorRT is missing or fails to start. Written for a
+CUDA GPU and NOT run on one while this project was built (no GPU on its machines); the CPU-side
+logic is tested, the CUDA tests are marked `gpu` and skip saying so.
+
+- fp16: torch.autocast(float16); every normalisation layer runs in float32 (model.export_fp16's
+  Float32Island), as in the float16 ONNX, since InstanceNorm statistics over a 512x512 plane drift in
+  float16. fp32 runs with TF32 off (matmul and cuDNN), so "fp32" means float32.
+- CUDA graphs: for each batch size seen (at most `max_graphs`), the network is captured once after a
+  warm-up on a side stream and replayed from then on: one launch instead of hundreds of kernels per
+  batch, which matters for small tiles and batches. Input goes through a static buffer; the output is
+  cloned out of the graph's buffer so that a later replay cannot overwrite what the caller holds.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import torch
+
+from model.package import ModelPackage
+from preprocess.errors import ModelPackageError, RuntimeUnavailableError
+
+PRECISIONS = ("fp16", "fp32")
+
+
+def describe_cuda(device_index: int = 0) -> dict:
+    """The GPU, its driver and the CUDA build of torch, for the log and results.json (requires a visible GPU)."""
+    props = torch.cuda.get_device_properties(device_index)
+    info = {
+        "gpu": props.name,
+        "compute_capability": f"{props.major}.{props.minor}",
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "driver": nvidia_driver_version(),
+    }
+    return info
+
+
+def nvidia_driver_version() -> str | None:
+    """The NVIDIA driver's version from nvidia-smi (mounted into containers by --gpus with the utility capability), else None."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        done = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else None
+
+
+def float32_norms(network: torch.nn.Module) -> torch.nn.Module:
+    """`network` with each normalisation layer wrapped to run in float32 (in place; returns it)."""
+    from model.export_fp16 import FLOAT32_LAYERS, Float32Island
+
+    def wrap(module: torch.nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, FLOAT32_LAYERS):
+                setattr(module, name, Float32Island(child))
+            elif not isinstance(child, Float32Island):
+                wrap(child)
+
+    wrap(network)
+    return network
+
+
+class TorchCudaRunner:
+    """PyTorch on one CUDA GPU from the safetensors weights: `run_device(tensor) -> tensor` and the numpy `__call__`."""
+
+    device_pipeline = True
+
+    def __init__(self, package: ModelPackage, *, precision: str = "fp16", device: str = "cuda", cuda_graphs: bool = True,
+                 max_graphs: int = 4, batch_size: int = 32):
+        if precision == "auto":
+            precision = "fp16"
+        if precision not in PRECISIONS:
+            raise RuntimeUnavailableError(f"torch-cuda: precision {precision!r} is not available (choose from {', '.join(PRECISIONS)})")
+        self.package = package
+        self.precision = precision
+        self.device = device
+        self.cuda_graphs = cuda_graphs and os.environ.get("TRUNKSEG_CUDA_GRAPHS", "1") != "0"
+        self.max_graphs = max_graphs
+        self.preferred_batch_size = batch_size
+        self.name = f"torch-cuda-{precision}"
+        self.network = None
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+
+    def __enter__(self) -> "TorchCudaRunner":
+        from safetensors.torch import load_model
+
+        from model.network import build_network
+
+        if not torch.cuda.is_available():
+            raise RuntimeUnavailableError("torch-cuda: no CUDA GPU visible to torch")
+        self.device = torch.device(self.device)
+        card = self.package.card
+        network = build_network(network_class_name=card.network_class_name, arch_kwargs=card.arch_kwargs,
+                                input_channels=card.input_channels, num_classes=card.num_classes)
+        path = self.package.path_of("weights")
+        try:
+            missing, unexpected = load_model(network, str(path), strict=False)
+        except Exception as error:  # safetensors raises several types for corrupt files
+            raise ModelPackageError(f"{path}: cannot load weights ({str(error)[:200]})") from None
+        if missing or unexpected:
+            raise ModelPackageError(f"{path}: weights do not fit the architecture (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        if self.precision == "fp16":
+            float32_norms(network)
+        torch.backends.cudnn.benchmark = True  # fixed tile shape: pick the fastest convolution once
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        self.network = network.eval().to(self.device, memory_format=torch.channels_last)
+        self.graphs = {}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.graphs = {}
+        self.network = None
+
+    def _eager(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.precision == "fp16", cache_enabled=False):
+            return self.network(x)
+
+    def _graph_for(self, batch: torch.Tensor):
+        size = batch.shape[0]
+        if size in self.graphs or len(self.graphs) >= self.max_graphs:
+            return self.graphs.get(size)
+        static_in = torch.empty_like(batch, memory_format=torch.channels_last)
+        static_in.copy_(batch)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm-up outside the capture: cuDNN autotuning, lazy initialisation
+                self._eager(static_in)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self._eager(static_in)
+        self.graphs[size] = (graph, static_in, static_out)
+        return self.graphs[size]
+
+    def run_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """Logits of a (B, channels, tile_y, tile_x) float32 CUDA tensor, queued on the current stream."""
+        card = self.package.card
+        if batch.device.type != "cuda" or batch.dtype != torch.float32:
+            raise TypeError(f"{self.name}: input 'image' must be a float32 CUDA tensor, got {batch.dtype} on {batch.device}")
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != (card.input_channels, *card.tile_size):
+            raise ValueError(f"{self.name}: input 'image' must be (batch, {card.input_channels}, {card.tile_size[0]}, {card.tile_size[1]}), got {tuple(batch.shape)}")
+        with torch.inference_mode():
+            captured = self._graph_for(batch) if self.cuda_graphs else None
+            if captured is None:
+                out = self._eager(batch.contiguous(memory_format=torch.channels_last))
+            else:
+                graph, static_in, static_out = captured
+                static_in.copy_(batch)
+                graph.replay()
+                out = static_out.clone()
+        expected = (batch.shape[0], card.num_classes, *card.tile_size)
+        if tuple(out.shape) != expected:
+            raise RuntimeError(f"{self.name}: output 'logits' has shape {tuple(out.shape)}, expected {expected}")
+        return out
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        from model.runtime import _check_batch, _check_logits
+
+        card = self.package.card
+        _check_batch(batch, card.input_channels, card.tile_size, self.name)
+        logits = self.run_device(torch.from_numpy(batch).to(self.device))
+        return _check_logits(logits.float().cpu().numpy(), batch, card.num_classes, self.name)
