@@ -1,0 +1,174 @@
+"""GPU runtime choice and fallback (checked here with stand-ins for the GPU), and, marked `gpu`, the PyTorch CUDA runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from model import runtime_gpu
+from model.runtime_gpu import CudaStatus, choose_gpu_precision, choose_gpu_runtime, start_runtime
+from preprocess.errors import ModelPackageError, RuntimeUnavailableError
+from tests.gpu_helpers import NO_CUDA_REASON, has_cuda
+
+GPU = CudaStatus(True, "NVIDIA H100 (sm 9.0, 80 GiB, driver 580.65, torch 2.13.0 with CUDA 13.0)")
+NO_GPU = CudaStatus(False, "no usable CUDA GPU (in a container, run it with --gpus all)")
+
+
+@pytest.fixture()
+def machine(monkeypatch):
+    """Set what this 'machine' has: a GPU or not, TensorRT or not."""
+
+    def set_(*, status: CudaStatus, tensorrt: str | None):
+        monkeypatch.setattr(runtime_gpu, "cuda_status", lambda: status)
+        monkeypatch.setattr(runtime_gpu, "tensorrt_version", lambda: tensorrt)
+
+    return set_
+
+
+def test_auto_prefers_tensorrt_then_torch_cuda_then_the_cpu(machine):
+    machine(status=GPU, tensorrt="10.13.3.9")
+    choice = choose_gpu_runtime("auto", cpu_fallback="onnxruntime")
+    assert choice.name == "tensorrt" and choice.fallbacks == ("torch-cuda", "onnxruntime")
+    assert "TensorRT 10.13.3.9" in choice.reason and "H100" in choice.reason
+    machine(status=GPU, tensorrt=None)
+    choice = choose_gpu_runtime("auto", cpu_fallback="onnxruntime")
+    assert choice.name == "torch-cuda" and choice.fallbacks == ("onnxruntime",) and "TensorRT not installed" in choice.reason
+    machine(status=NO_GPU, tensorrt="10.13.3.9")
+    choice = choose_gpu_runtime("auto", cpu_fallback="onnxruntime")
+    assert choice.name is None and "--gpus all" in choice.reason
+
+
+def test_explicit_tensorrt_without_it_or_a_gpu_is_an_error(machine):
+    machine(status=GPU, tensorrt=None)
+    with pytest.raises(RuntimeUnavailableError, match="TensorRT is not installed"):
+        choose_gpu_runtime("tensorrt", cpu_fallback="onnxruntime")
+    machine(status=NO_GPU, tensorrt="10.13.3.9")
+    with pytest.raises(RuntimeUnavailableError, match="no usable CUDA GPU"):
+        choose_gpu_runtime("tensorrt", cpu_fallback="onnxruntime")
+    machine(status=GPU, tensorrt="10.13.3.9")
+    choice = choose_gpu_runtime("tensorrt", cpu_fallback="onnxruntime")
+    assert choice.name == "tensorrt" and choice.fallbacks == ()  # asked for: no substitute
+
+
+def test_this_machine_reports_why_it_has_no_gpu():
+    status = runtime_gpu.cuda_status()
+    if not has_cuda():
+        assert not status.usable and status.description
+
+
+def test_gpu_precision_is_fp16_unless_fp32_is_asked_for():
+    assert choose_gpu_precision("auto", runtime="tensorrt").name == "fp16"
+    assert choose_gpu_precision("fp32", runtime="torch-cuda").name == "fp32"
+    with pytest.raises(RuntimeUnavailableError, match="int8"):
+        choose_gpu_precision("int8", runtime="tensorrt")
+
+
+@dataclass(frozen=True)
+class Choice:
+    name: str
+    reason: str
+    fallbacks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    reason: str = "test"
+    verified: bool = True
+
+
+class FakeRuntime:
+    def __init__(self, name, fails_with=None, events=None):
+        self.name, self.fails_with, self.events = name, fails_with, events
+
+    def __enter__(self):
+        if self.fails_with is not None:
+            raise self.fails_with
+        self.events.append(f"enter {self.name}")
+        return self
+
+    def __exit__(self, *exc):
+        self.events.append(f"exit {self.name}")
+
+
+def _start(failing: dict, first=Choice("tensorrt", "TensorRT on a GPU", ("torch-cuda", "onnxruntime"))):
+    events, lines = [], []
+    opener = lambda choice, precision: FakeRuntime(choice.name, failing.get(choice.name), events)  # noqa: E731
+    precision = lambda name: Precision("fp16" if name in ("tensorrt", "torch-cuda") else "fp32")  # noqa: E731
+    return start_runtime(first, None, open_runtime=opener, choose_precision=precision, log=lines.append), events, lines
+
+
+def test_a_runtime_that_fails_to_start_falls_back_logged_and_recorded():
+    started, events, lines = _start({"tensorrt": RuntimeUnavailableError("engine build failed")})
+    with started as run:
+        assert run.name == "torch-cuda" and run.precision.name == "fp16"
+        assert run.failures == ("tensorrt failed to start: engine build failed",)
+        assert "fallback after tensorrt failed to start" in run.reason
+    assert events == ["enter torch-cuda", "exit torch-cuda"]
+    assert lines == ["runtime tensorrt failed to start (engine build failed); falling back to torch-cuda"]
+
+
+def test_cuda_errors_fall_through_to_the_cpu():
+    started, events, _ = _start({"tensorrt": RuntimeError("CUDA error: out of memory"), "torch-cuda": RuntimeError("CUDA error: out of memory")})
+    with started as run:
+        assert run.name == "onnxruntime" and run.precision.name == "fp32" and len(run.failures) == 2
+
+
+def test_no_fallback_for_a_bad_model_package_or_when_nothing_is_left():
+    started, _, _ = _start({"tensorrt": ModelPackageError("model.onnx: SHA-256 does not match")})
+    with pytest.raises(ModelPackageError):
+        with started:
+            pass
+    started, _, _ = _start({"tensorrt": RuntimeUnavailableError("no engine")}, first=Choice("tensorrt", "requested"))
+    with pytest.raises(RuntimeUnavailableError, match="no engine"):
+        with started:
+            pass
+
+
+def test_runtime_is_exited_when_the_work_fails():
+    started, events, _ = _start({})
+    with pytest.raises(ValueError):
+        with started:
+            raise ValueError("case failed")
+    assert events == ["enter tensorrt", "exit tensorrt"]
+
+
+# --- on a GPU ------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_cuda(), reason=NO_CUDA_REASON)
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_cuda_graphs_replay_what_eager_computes(demo_package, precision):
+    import torch
+
+    from model.cuda_runtime import TorchCudaRunner
+
+    batch = torch.randn((5, 1, *demo_package.card.tile_size), device="cuda")
+    with TorchCudaRunner(demo_package, precision=precision, cuda_graphs=False) as eager, TorchCudaRunner(demo_package, precision=precision) as graphed:
+        a = eager.run_device(batch)
+        b1, b2 = graphed.run_device(batch), graphed.run_device(batch * 0.5)
+        assert len(graphed.graphs) == 1
+        torch.testing.assert_close(b1.float(), a.float(), rtol=1e-3, atol=1e-3 * float(a.abs().max()))
+        assert not torch.equal(b1, b2)  # the clone survives the next replay
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_cuda(), reason=NO_CUDA_REASON)
+def test_torch_cuda_fp16_segments_like_fp32_onnxruntime(demo_package):
+    from model.cuda_runtime import TorchCudaRunner
+    from model.runtime import OnnxRuntimeRunner
+    from model.segment import segment_volume
+    from model.segment_torch import segment_volume_device
+    from training.phantom import make_phantom
+
+    phantom = make_phantom(5, size_xy=(512, 512), spacing_mm=(0.8, 0.8, 1.0), n_slices=24)
+    with OnnxRuntimeRunner(demo_package, threads=2) as fp32:
+        reference = segment_volume(phantom.ct_zyx, pixel_spacing_mm=(0.8, 0.8), card=demo_package.card, network=fp32, slice_spacing_mm=5.0)
+    with TorchCudaRunner(demo_package, precision="fp16") as runner:
+        got = segment_volume_device(phantom.ct_zyx, pixel_spacing_mm=(0.8, 0.8), card=demo_package.card, network=runner.run_device,
+                                    device="cuda", slice_spacing_mm=5.0)
+    labels = np.union1d(np.unique(reference), np.unique(got))
+    dice = {v: 2 * np.sum((reference == v) & (got == v)) / (np.sum(reference == v) + np.sum(got == v)) for v in labels if v}
+    assert min(dice.values()) >= 0.99, dice
