@@ -22,8 +22,9 @@ of each file). The same files always give the same UIDs, so every SEG made from 
 one study and series; the SEG's ContentDescription and results.json say which UIDs were derived. To
 make a viewer link them, stamp those UIDs into the source copy (they are reproducible from the files).
 
-BINARY (default; read by every SEG viewer; uncompressed, empty frames omitted) or LABELMAP (Supplement
-243, one frame per slice, JPEG-LS lossless; much smaller, newer viewers only).
+LABELMAP (default; Supplement 243 Label Map Segmentation, one frame per slice, JPEG-LS lossless: 45 kB for
+the 20-slice sample) or BINARY (read by every SEG viewer; one uncompressed 1-bit frame per muscle and slice,
+empty ones omitted: 14.6 MB for the same 20 slices, some 0.7 MB per slice with all 22 muscles).
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def read_source_series(folder: Path) -> SourceSeries:
 
 
 def build_segmentation(labels_zyx: np.ndarray, source: SourceSeries, *, model_identity: str, software_version: str,
-                       segmentation_type: str = "binary") -> hd.seg.Segmentation:
+                       segmentation_type: str = "labelmap") -> hd.seg.Segmentation:
     """The SEG object of a label map on the source series' grid (slice k of `labels_zyx` is source.headers[k])."""
     if segmentation_type not in SEGMENTATION_TYPES:
         raise ValueError(f"segmentation type {segmentation_type!r} is not one of {SEGMENTATION_TYPES}")

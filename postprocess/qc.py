@@ -136,8 +136,7 @@ def render_qc(labels_zyx: np.ndarray, hu_zyx: np.ndarray, measures: SliceMeasure
             row = int(round((n_slices - 1 - k + 0.5) * REFORMAT_HEIGHT_PX / n_slices))
             draw.line([(0, row), (12, row)], fill=(255, 255, 255), width=2)
             draw.line([(image.width - 12, row), (image.width, row)], fill=(255, 255, 255), width=2)
-            if level:
-                draw.text((15, row - 8), level, font=small, fill=_TEXT, stroke_width=2, stroke_fill=(0, 0, 0))
+            draw.text((15, row - 8), level or str(int(frame.input_slice[k])), font=small, fill=_TEXT, stroke_width=2, stroke_fill=(0, 0, 0))
         draw.text((image.width // 2, 4), name, font=caption_font, fill=_TEXT, stroke_width=2, stroke_fill=(0, 0, 0), anchor="mt")
         if name == "coronal":
             draw.text((6, image.height - 18), "R", font=small, fill=_TEXT)
@@ -198,5 +197,5 @@ def render_qc(labels_zyx: np.ndarray, hu_zyx: np.ndarray, measures: SliceMeasure
 
 def png_bytes(image: Image.Image) -> bytes:
     stream = io.BytesIO()
-    image.save(stream, format="PNG", optimize=True)
+    image.save(stream, format="PNG", compress_level=6)
     return stream.getvalue()

@@ -1,0 +1,80 @@
+"""All or nothing: a case's output files are staged under temporary names and renamed together at the end.
+
+    with StagedOutputs() as staged:
+        write_label_map(labels, geometry, staged.path_for(mask_path))
+        staged.write_bytes(png_path, png)
+    # here every file is in place (mode 0644); after an exception none of them is
+
+A temporary name is `.partial-<random>-<name>` beside its target (same file system, so the rename is
+atomic) and keeps the target's suffixes, which is how SimpleITK picks a writer.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from preprocess.errors import OutputError
+
+
+class StagedOutputs:
+    def __init__(self) -> None:
+        self._pending: list[tuple[Path, Path]] = []
+
+    def path_for(self, final: Path) -> Path:
+        """A temporary path to write `final` to; it becomes `final` when the block ends without an error."""
+        final = Path(final)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OutputError(f"{final.parent}: cannot create the output folder ({error.strerror})") from None
+        temp = final.with_name(f".partial-{secrets.token_hex(4)}-{final.name}")
+        self._pending.append((temp, final))
+        return temp
+
+    def write_bytes(self, final: Path, data: bytes) -> None:
+        temp = self.path_for(final)
+        try:
+            temp.write_bytes(data)
+        except OSError as error:
+            raise OutputError(f"{final}: cannot write ({error.strerror})") from None
+
+    def write_text(self, final: Path, text: str) -> None:
+        self.write_bytes(final, text.encode("utf-8"))
+
+    def discard(self) -> None:
+        for temp, _ in self._pending:
+            temp.unlink(missing_ok=True)
+        self._pending.clear()
+
+    def commit(self) -> None:
+        done: list[Path] = []
+        try:
+            for temp, final in self._pending:
+                if not temp.is_file():
+                    raise OutputError(f"{final}: was staged but never written")
+                os.chmod(temp, 0o644)  # readers of the output are often another user
+                os.replace(temp, final)
+                done.append(final)
+        except OSError as error:
+            for final in done:
+                final.unlink(missing_ok=True)
+            self.discard()
+            raise OutputError(f"cannot move the outputs into place ({error})") from None
+        except OutputError:
+            for final in done:
+                final.unlink(missing_ok=True)
+            self.discard()
+            raise
+        self._pending.clear()
+
+    def __enter__(self) -> "StagedOutputs":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+        return False
