@@ -13,7 +13,6 @@ first job. An engine only runs on the GPU model and TensorRT version it was buil
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +22,7 @@ from model.tensorrt_runtime import (
     DEFAULT_MAX_BATCH, DEFAULT_MIN_BATCH, DEFAULT_OPT_BATCH, ENGINE_FOLDER, PRECISIONS, TYPINGS, check_tensorrt_operators,
     default_cache_dir, engine_key, ensure_engine, gpu_identity,
 )
+from model.runtime_gpu import tensorrt_installed
 from preprocess.errors import RuntimeUnavailableError, TrunkSegError
 
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         package = load_model_package(args.package)
         if args.check_only:
             return check_graphs(package, precision=args.precision, log=log)
-        if importlib.util.find_spec("tensorrt") is None:
+        if not tensorrt_installed():
             raise RuntimeUnavailableError("tensorrt is not installed (pip install tensorrt-cu13 from NVIDIA's index, see docker/requirements-gpu.txt)")
         import torch
 

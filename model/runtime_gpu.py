@@ -48,12 +48,24 @@ def cuda_status() -> CudaStatus:
                             f"{info['driver'] or 'version unknown'}, torch {info['torch']} with CUDA {info['torch_cuda']})")
 
 
-def tensorrt_version() -> str | None:
-    if importlib.util.find_spec("tensorrt") is None:
-        return None
-    import tensorrt
+def tensorrt_installed() -> bool:
+    return any(importlib.util.find_spec(name) is not None for name in ("tensorrt", "tensorrt_bindings"))
 
-    return tensorrt.__version__
+
+def import_tensorrt():
+    """TensorRT's Python module: `tensorrt` (what the tensorrt-cuXX package installs), else the bare bindings
+    wheel's `tensorrt_bindings` (the same API; the gpu image installs only tensorrt-cu13-libs and -bindings)."""
+    try:
+        import tensorrt
+    except ImportError:
+        import tensorrt_bindings as tensorrt
+    return tensorrt
+
+
+def tensorrt_version() -> str | None:
+    if not tensorrt_installed():
+        return None
+    return import_tensorrt().__version__
 
 
 @dataclass(frozen=True)
@@ -120,13 +132,29 @@ def open_gpu_runtime(name: str, package, *, precision: str, log: Callable[[str],
     raise RuntimeUnavailableError(f"no GPU runtime named {name!r}")
 
 
+def segmenter_for(runtime, batch_size: int | None):
+    """(segment function, network callable, batch size) for a runtime: the device pipeline for GPU runtimes, else the numpy one.
+
+    `batch_size` None: the runtime's preferred batch (GPU runtimes: their engine's optimum), else 4.
+    """
+    batch = batch_size or getattr(runtime, "preferred_batch_size", None) or 4
+    if getattr(runtime, "device_pipeline", False):
+        from functools import partial
+
+        from model.segment_torch import segment_volume_device  # torch: only where a GPU runtime runs
+
+        return partial(segment_volume_device, device=runtime.device), runtime.run_device, batch
+    from model.segment import segment_volume
+
+    return segment_volume, runtime, batch
+
+
 @dataclass(frozen=True)
 class Started:
-    """What actually runs: the entered runtime, its name, why, its precision and why, and what failed before it."""
+    """What actually runs: the entered runtime, the choice it came from (name, reason), its precision, and what failed before it."""
 
     runtime: object
-    name: str
-    reason: str
+    choice: object  # a RuntimeChoice
     precision: object  # a PrecisionChoice-like (name, reason, verified)
     failures: tuple[str, ...]
 
@@ -159,7 +187,7 @@ def start_runtime(first, package, *, open_runtime: Callable, choose_precision: C
             log(f"runtime {name} failed to start ({' '.join(str(error).split())[:300]}); falling back to {names[index + 1]}")
             continue
         try:
-            yield Started(runtime, getattr(runtime, "name", name), choice.reason, precision, tuple(failures))
+            yield Started(runtime, choice, precision, tuple(failures))
         finally:
             runtime.__exit__(None, None, None)
         return

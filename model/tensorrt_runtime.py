@@ -37,6 +37,7 @@ from typing import Callable
 import numpy as np
 
 from model.package import INPUT_NAME, OUTPUT_NAME, ModelPackage, sha256_of
+from model.runtime_gpu import import_tensorrt
 from preprocess.errors import ModelPackageError, RuntimeUnavailableError
 
 ENGINE_FORMAT = 1
@@ -256,7 +257,7 @@ def check_tensorrt_operators(onnx_path: Path) -> list[str]:
 # --- building --------------------------------------------------------------------------------------------
 
 def gpu_identity(device_index: int = 0) -> GpuIdentity:
-    import tensorrt as trt
+    trt = import_tensorrt()
     import torch
 
     major, minor = torch.cuda.get_device_capability(device_index)
@@ -264,7 +265,7 @@ def gpu_identity(device_index: int = 0) -> GpuIdentity:
 
 
 def _logger():
-    import tensorrt as trt
+    trt = import_tensorrt()
 
     return trt.Logger(trt.Logger.WARNING)
 
@@ -302,7 +303,7 @@ def onnx_for_build(package: ModelPackage, key: EngineKey, cache_dir: Path, *, lo
 
 def pin_norm_layers_to_float32(network) -> int:
     """Weak fp16 build: run every normalisation layer (type NORMALIZATION, or named .../norm/...) in float32. Returns how many."""
-    import tensorrt as trt
+    trt = import_tensorrt()
 
     float_types = (trt.float32, trt.float16)
     skipped = {trt.LayerType.CONSTANT, trt.LayerType.SHAPE}
@@ -323,7 +324,7 @@ def pin_norm_layers_to_float32(network) -> int:
 def build_serialized_engine(onnx_path: Path, key: EngineKey, *, timing_cache: Path | None, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
                             log: Log = _stderr) -> bytes:
     """Parse the ONNX and build the serialised engine `key` describes (one profile over the batch axis)."""
-    import tensorrt as trt
+    trt = import_tensorrt()
 
     logger = _logger()
     builder = trt.Builder(logger)
@@ -403,7 +404,7 @@ class TensorRTRunner:
         self.engine = self.context = None
 
     def __enter__(self) -> "TensorRTRunner":
-        import tensorrt as trt
+        trt = import_tensorrt()
         import torch
 
         if not torch.cuda.is_available():

@@ -15,7 +15,7 @@ def has_cuda() -> bool:
 
 
 def has_tensorrt() -> bool:
-    return importlib.util.find_spec("tensorrt") is not None
+    return any(importlib.util.find_spec(name) is not None for name in ("tensorrt", "tensorrt_bindings"))
 
 
 NO_CUDA_REASON = "needs a CUDA GPU and a CUDA build of torch (none here: the development and CI machines have no GPU)"

@@ -103,9 +103,9 @@ def _start(failing: dict, first=Choice("tensorrt", "TensorRT on a GPU", ("torch-
 def test_a_runtime_that_fails_to_start_falls_back_logged_and_recorded():
     started, events, lines = _start({"tensorrt": RuntimeUnavailableError("engine build failed")})
     with started as run:
-        assert run.name == "torch-cuda" and run.precision.name == "fp16"
+        assert run.choice.name == "torch-cuda" and run.runtime.name == "torch-cuda" and run.precision.name == "fp16"
         assert run.failures == ("tensorrt failed to start: engine build failed",)
-        assert "fallback after tensorrt failed to start" in run.reason
+        assert "fallback after tensorrt failed to start" in run.choice.reason and run.choice.fallbacks == ()
     assert events == ["enter torch-cuda", "exit torch-cuda"]
     assert lines == ["runtime tensorrt failed to start (engine build failed); falling back to torch-cuda"]
 
@@ -113,7 +113,7 @@ def test_a_runtime_that_fails_to_start_falls_back_logged_and_recorded():
 def test_cuda_errors_fall_through_to_the_cpu():
     started, events, _ = _start({"tensorrt": RuntimeError("CUDA error: out of memory"), "torch-cuda": RuntimeError("CUDA error: out of memory")})
     with started as run:
-        assert run.name == "onnxruntime" and run.precision.name == "fp32" and len(run.failures) == 2
+        assert run.choice.name == "onnxruntime" and run.precision.name == "fp32" and len(run.failures) == 2
 
 
 def test_no_fallback_for_a_bad_model_package_or_when_nothing_is_left():
@@ -125,6 +125,29 @@ def test_no_fallback_for_a_bad_model_package_or_when_nothing_is_left():
     with pytest.raises(RuntimeUnavailableError, match="no engine"):
         with started:
             pass
+
+
+def test_cpu_runtimes_keep_the_numpy_segmenter_and_gpu_runtimes_get_the_device_one():
+    from model.segment import segment_volume
+
+    class CpuRuntime:
+        def __call__(self, batch):
+            return batch
+
+    cpu = CpuRuntime()
+    assert runtime_gpu.segmenter_for(cpu, None) == (segment_volume, cpu, 4)
+    assert runtime_gpu.segmenter_for(cpu, 7)[2] == 7
+
+    class GpuRuntime:
+        device_pipeline, device, preferred_batch_size = True, "cpu", 16
+
+        def run_device(self, batch):
+            return batch
+
+    gpu = GpuRuntime()
+    segment, network, batch = runtime_gpu.segmenter_for(gpu, None)
+    assert segment.func.__name__ == "segment_volume_device" and segment.keywords == {"device": "cpu"}
+    assert network == gpu.run_device and batch == 16
 
 
 def test_runtime_is_exited_when_the_work_fails():
