@@ -76,7 +76,7 @@ class TorchCudaRunner:
     device_pipeline = True
 
     def __init__(self, package: ModelPackage, *, precision: str = "fp16", device: str = "cuda", cuda_graphs: bool = True,
-                 max_graphs: int = 4, batch_size: int = 32):
+                 max_graphs: int = 4, batch_size: int = 16):
         if precision == "auto":
             precision = "fp16"
         if precision not in PRECISIONS:

@@ -255,7 +255,8 @@ def segment_volume_device(
                 n = part.stop - part.start
 
                 with clock("normalize_resample"):
-                    data = hu.to(torch.float32).clamp_(low_hu, high_hu).sub_(mean).mul_(inverse_std)
+                    # out of place first: on the CPU device `hu` may be a view of the caller's volume
+                    data = hu.to(torch.float32).clamp(low_hu, high_hu).sub_(mean).mul_(inverse_std)
                     if resample:
                         if per_slice_bounds:
                             low, high = data.amin(dim=(1, 2), keepdim=True), data.amax(dim=(1, 2), keepdim=True)

@@ -99,6 +99,13 @@ def test_batches_span_slices_and_chunks_do_not_change_the_answer():
     assert all(v >= 0 for v in stats.seconds.values()) and stats.seconds["network"] > 0
 
 
+def test_the_callers_volume_is_left_untouched():
+    volume = _volume((2, 40, 40)) * 10  # beyond the clip range
+    copy = volume.copy()
+    segment_volume_device(volume, pixel_spacing_mm=(1.0, 1.0), card=_card(), network=ConvNetwork().device_call, device="cpu")
+    np.testing.assert_array_equal(volume, copy)
+
+
 def test_integer_hu_is_normalised_like_float_hu():
     volume = np.rint(_volume((3, 40, 40))).astype(np.int16)
     card, network = _card(), ConvNetwork()
