@@ -21,15 +21,9 @@ import numpy as np
 from evaluation.errors import CaseError, ConfigError, InputError
 from evaluation.volumes import AnnotatedSlices, read_slices_on_truth_grid
 from model.labels import LEVELS
+from preprocess.vertebrae import majority_per_slice, order_levels  # shared with the algorithm's per-level measures
 
-_ORDER = [f"C{i}" for i in range(1, 8)] + [f"T{i}" for i in range(1, 13)] + [f"L{i}" for i in range(1, 7)] + [f"S{i}" for i in range(1, 6)]
-
-
-def order_levels(names) -> tuple[str, ...]:
-    """Level names cranial to caudal (C1..S5), unknown names after them in sorted order."""
-    unique = set(names)
-    known = [n for n in _ORDER if n in unique]
-    return tuple(known + sorted(unique - set(known)))
+__all__ = ["LevelTable", "load_level_table", "levels_from_table", "levels_from_volume", "order_levels"]
 
 
 @dataclass(frozen=True)
@@ -108,8 +102,5 @@ def levels_from_volume(path: Path, case_id: str, truth: AnnotatedSlices, names: 
     if values.min(initial=0) < 0 or values.max(initial=0) > len(LEVELS):
         bad = np.unique(values[(values < 0) | (values > len(LEVELS))])[:10].tolist()
         raise InputError(f"{path}: vertebra label values {bad} are outside 0..{len(LEVELS)} ({LEVELS[0]}..{LEVELS[-1]})")
-    n_slices = values.shape[0]
-    counts = np.bincount((np.arange(n_slices)[:, None] * (len(LEVELS) + 1) + values.reshape(n_slices, -1)).ravel(), minlength=n_slices * (len(LEVELS) + 1))
-    counts = counts.reshape(n_slices, len(LEVELS) + 1)[:, 1:]
-    best = counts.argmax(axis=1)
-    return np.array([names.index(LEVELS[b]) if counts[i, b] > 0 else -1 for i, b in enumerate(best)], dtype=np.int64)
+    best = majority_per_slice(values, len(LEVELS))  # 1..13, 0: no vertebra on the slice
+    return np.array([names.index(LEVELS[b - 1]) if b else -1 for b in best], dtype=np.int64)

@@ -40,14 +40,20 @@ class ReportOptions:
             raise ValueError(f"DICOM-SEG type {self.dicom_seg_type!r} is not one of {', '.join(SEGMENTATION_TYPES)}")
 
 
+def load_vertebrae(path: Path | None, geometry: Geometry, options: ReportOptions) -> np.ndarray | None:
+    """The vertebra map on the CT grid (read before segmenting, so that a bad one fails the case at once), or None."""
+    return None if path is None else read_vertebrae(path, geometry, scheme=options.vertebra_scheme)
+
+
 def write_case_report(*, case_id: str, labels_zyx: np.ndarray, hu_zyx: np.ndarray, geometry: Geometry, source: Path,
-                      vertebrae: Path | None, options: ReportOptions, output_dir: Path, staged: StagedOutputs,
-                      model_identity: str, software_version: str) -> dict:
-    """Stage the case's reports and return its results.json entries ("muscles", "levels", "outputs")."""
+                      vertebrae: Path | None, vertebrae_zyx: np.ndarray | None, options: ReportOptions, output_dir: Path,
+                      staged: StagedOutputs, model_identity: str, software_version: str) -> dict:
+    """Stage the case's reports and return its results.json entries ("muscles", "levels", "outputs").
+
+    `vertebrae_zyx` is `load_vertebrae(vertebrae, ...)`; `vertebrae` only names its file.
+    """
     output_dir = Path(output_dir)
-    vertebrae_zyx = None
-    if vertebrae is not None:
-        vertebrae_zyx = read_vertebrae(vertebrae, geometry, scheme=options.vertebra_scheme)
+    if vertebrae_zyx is not None:
         levels_info = {"available": True, "source": str(vertebrae), "scheme": options.vertebra_scheme,
                        "method": "each axial slice takes the vertebra with most voxels on it (map resampled onto the CT grid, nearest neighbour)"}
     else:
