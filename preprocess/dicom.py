@@ -15,16 +15,51 @@ from pydicom.errors import InvalidDicomError
 
 from preprocess.errors import InputError
 from preprocess.geometry import Geometry
+from preprocess.io import check_hu_range
 
 #: relative tolerance on slice spacing before a series counts as having gaps
 SPACING_TOLERANCE = 0.05
 
 
+#: SOP classes that hold no single-frame CT slice of a series
+_DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+_ENHANCED_CT_CLASSES = {"1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}  # Enhanced CT, Legacy Converted Enhanced CT
+
+
 def _read_header(path: Path):
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError):
+    except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError, RecursionError, EOFError):
         return None
+
+
+def _floats(header, keyword: str, count: int, path: Path) -> np.ndarray:
+    """A numeric multi-valued attribute, checked: present, `count` finite numbers."""
+    try:
+        values = np.asarray([float(v) for v in header.get(keyword)], dtype=float)
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"{path}: {keyword} is missing or not numeric") from None
+    if values.shape != (count,) or not np.all(np.isfinite(values)):
+        raise InputError(f"{path}: {keyword} must be {count} finite numbers, got {list(values)[:8]}")
+    return values
+
+
+def _check_slice_header(path: Path, header) -> None:
+    """Refuse a CT slice whose geometry attributes are missing or malformed (they decide the voxel grid)."""
+    orientation = _floats(header, "ImageOrientationPatient", 6, path)
+    _floats(header, "ImagePositionPatient", 3, path)
+    spacing = _floats(header, "PixelSpacing", 2, path)
+    if np.any(spacing <= 0):
+        raise InputError(f"{path}: PixelSpacing must be positive, got {list(spacing)}")
+    try:
+        rows, columns = int(header.Rows), int(header.Columns)
+    except (AttributeError, TypeError, ValueError):
+        raise InputError(f"{path}: Rows/Columns missing") from None
+    if rows < 8 or columns < 8:
+        raise InputError(f"{path}: slice of {columns}x{rows} pixels is too small to be an axial CT")
+    row_cosine, col_cosine = orientation.reshape(2, 3)
+    if np.linalg.norm(np.cross(row_cosine, col_cosine)) < 0.5:
+        raise InputError(f"{path}: ImageOrientationPatient {list(orientation)} has no valid slice normal")
 
 
 def _series_key(header) -> tuple:
@@ -37,7 +72,11 @@ def _series_key(header) -> tuple:
 
 
 def list_ct_slices(folder: Path) -> list[tuple[Path, object]]:
-    """Headers of the CT image slices of the one CT series in `folder` (searched recursively)."""
+    """Headers of the CT image slices of the one CT series in `folder` (searched recursively).
+
+    Files that are not DICOM, and a DICOMDIR, are skipped; DICOM objects of other modalities (MR, SEG,
+    RTSTRUCT, ...) are skipped and named when no CT is left.
+    """
     files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith("."))
     if not files:
         raise InputError(f"{folder}: folder is empty")
@@ -45,14 +84,25 @@ def list_ct_slices(folder: Path) -> list[tuple[Path, object]]:
     other_modalities = set()
     for path in files:
         header = _read_header(path)
-        if header is None or "ImagePositionPatient" not in header or "ImageOrientationPatient" not in header:
+        if header is None:
             continue
-        modality = str(header.get("Modality", ""))
+        sop_class = str(header.get("SOPClassUID", "") or getattr(header.get("file_meta", None), "MediaStorageSOPClassUID", "") or "")
+        if sop_class == _DICOMDIR_CLASS or "DirectoryRecordSequence" in header:
+            continue
+        modality = str(header.get("Modality", "") or "")
         if modality != "CT":
-            other_modalities.add(modality or "unknown")
+            if modality or "SOPClassUID" in header:
+                other_modalities.add(modality or "unknown")
             continue
-        if int(header.get("NumberOfFrames", 1) or 1) > 1:
+        try:
+            frames = int(header.get("NumberOfFrames", 1) or 1)
+        except (TypeError, ValueError):
+            frames = 2
+        if frames > 1 or sop_class in _ENHANCED_CT_CLASSES:
             raise InputError(f"{path}: multi-frame (enhanced) CT is not supported; export single-frame slices")
+        if "ImagePositionPatient" not in header or "ImageOrientationPatient" not in header:
+            raise InputError(f"{path}: CT slice without ImagePositionPatient/ImageOrientationPatient: cannot place it")
+        _check_slice_header(path, header)
         series[_series_key(header)].append((path, header))
     if not series:
         found = f" (found modality {', '.join(sorted(other_modalities))})" if other_modalities else ""
@@ -102,15 +152,21 @@ def sort_slices(slices: list[tuple[Path, object]], folder: Path) -> tuple[list[P
     return [slices[i][0] for i in order], geometry
 
 
-def read_dicom_series(folder: Path) -> tuple[np.ndarray, Geometry]:
-    """Read the single CT series in `folder` as HU (volume_zyx, Geometry)."""
+def read_dicom_series(folder: Path, *, check_size=None) -> tuple[np.ndarray, Geometry]:
+    """Read the single CT series in `folder` as HU (volume_zyx, Geometry).
+
+    Headers only until the series is chosen, ordered and (with `check_size`, see preprocess.io.read_ct)
+    found to fit the memory budget; then each slice's pixels are decoded.
+    """
     folder = Path(folder)
     paths, geometry = sort_slices(list_ct_slices(folder), folder)
+    if check_size is not None:
+        check_size(geometry.size_xyz, stored_bytes_per_voxel=2, source=folder)
     volume = None
     for index, path in enumerate(paths):
         try:
             pixels = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-        except RuntimeError as error:
+        except (RuntimeError, MemoryError) as error:
             raise InputError(f"{path}: cannot decode pixel data ({str(error).strip().splitlines()[-1][:160]})") from None
         pixels = pixels.reshape(pixels.shape[-2:]) if pixels.size == geometry.size_xyz[0] * geometry.size_xyz[1] else None
         if pixels is None:
@@ -125,4 +181,5 @@ def read_dicom_series(folder: Path) -> tuple[np.ndarray, Geometry]:
         volume[index] = pixels
     if volume.dtype.kind == "f" and not np.isfinite(volume).all():
         raise InputError(f"{folder}: DICOM series decodes to NaN or infinite voxels")
+    check_hu_range(volume, folder)
     return volume, geometry

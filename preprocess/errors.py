@@ -1,6 +1,12 @@
 """The product's small exception family. Messages name the file and what was wrong.
 
-process.py turns each into one line on stderr and the exit code documented here.
+process.py turns each into one line on stderr and the exit code documented here (and in README.md):
+
+    0 every case done          3 bad input (InputError)        6 runtime unavailable
+    1 unexpected failure       4 bad model package             7 a case exceeded the memory or time budget
+    2 usage (argparse)         5 output not writable / disk full
+
+With several cases the run goes on after a failed case and exits with the first failure's code.
 """
 
 from __future__ import annotations
@@ -34,3 +40,17 @@ class RuntimeUnavailableError(TrunkSegError):
     """A requested inference runtime (onnxruntime, torch, TensorRT) cannot run here."""
 
     exit_code = 6
+
+
+class LimitError(TrunkSegError):
+    """A case does not fit the run's budget: refused up front (memory) or stopped (time)."""
+
+    exit_code = 7
+
+
+class MemoryBudgetError(LimitError):
+    """The volume's header says it needs more memory than the budget allows; nothing was decoded."""
+
+
+class TimeBudgetError(LimitError):
+    """The case ran past its time budget and was stopped; it wrote nothing."""

@@ -12,6 +12,7 @@ import os
 import tempfile
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -31,33 +32,99 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and name.endswith(IMAGE_SUFFIXES)
 
 
-def verify_gzip(path: Path) -> None:
+def verify_gzip(path: Path, *, max_bytes: int | None = None) -> None:
     """Decompress a gzip file end to end (streaming) so a truncated or corrupt one fails loudly.
 
-    SimpleITK reads a truncated .nii.gz without an error and returns garbage voxels.
+    SimpleITK reads a truncated .nii.gz without an error and returns garbage voxels. With `max_bytes`
+    (what the header says the file holds, plus slack) a gzip bomb is refused once it inflates past it.
     """
+    total = 0
     try:
         with gzip.open(path, "rb") as stream:
-            while stream.read(1 << 22):
-                pass
+            while block := stream.read(1 << 22):
+                total += len(block)
+                if max_bytes is not None and total > max_bytes:
+                    raise InputError(
+                        f"{path}: gzip data inflates past {max_bytes / 2**20:.0f} MiB, more than its header declares: refused (gzip bomb?)"
+                    )
     except (OSError, EOFError, zlib.error) as error:
         raise InputError(f"{path}: corrupt or truncated gzip data ({error})") from None
 
 
-def read_image(path: Path) -> sitk.Image:
-    """Read one image file with SimpleITK, checking gzip integrity first."""
+def _reason(error: Exception, limit: int = 200) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[-1] if text else type(error).__name__)[:limit]
+
+
+def read_image_header(path: Path) -> sitk.ImageFileReader:
+    """A reader that has read only the header of `path` (size, pixel type, geometry): no voxel is decoded."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
+    if not path.is_file():
+        raise InputError(f"{path}: not a regular file")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: file is empty")
-    if path.name.lower().endswith(".gz"):
-        verify_gzip(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        return sitk.ReadImage(str(path))
+        reader.ReadImageInformation()
     except RuntimeError as error:
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unreadable"
-        raise InputError(f"{path}: cannot be read as an image ({reason[:200]})") from None
+        raise InputError(f"{path}: cannot be read as an image ({_reason(error)})") from None
+    return reader
+
+
+def _stored_bytes_per_voxel(reader: sitk.ImageFileReader) -> int:
+    pixel = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID(), reader.GetNumberOfComponents())
+    return max(1, pixel.GetSizeOfPixelComponent()) * reader.GetNumberOfComponents()
+
+
+def _voxel_count(size) -> int:
+    count = 1
+    for n in size:
+        count *= int(n)
+    return count
+
+
+def read_image(path: Path) -> sitk.Image:
+    """Read one image file with SimpleITK, checking gzip integrity first (bounded by the header's size)."""
+    path = Path(path)
+    reader = read_image_header(path)
+    return _read_pixels(reader, path)
+
+
+def _read_pixels(reader: sitk.ImageFileReader, path: Path) -> sitk.Image:
+    if path.name.lower().endswith(".gz"):
+        declared = _voxel_count(reader.GetSize()) * _stored_bytes_per_voxel(reader)
+        verify_gzip(path, max_bytes=declared + 64 * 2**20)  # slack for headers and extensions
+    try:
+        return reader.Execute()
+    except (RuntimeError, MemoryError) as error:
+        raise InputError(f"{path}: cannot be read as an image ({_reason(error)})") from None
+
+
+def check_ct_header(reader: sitk.ImageFileReader, source: Path) -> None:
+    """Refuse, from the header alone, images that cannot be a CT volume: not 3D, not scalar, not real-valued."""
+    size = tuple(int(n) for n in reader.GetSize())
+    dimension = reader.GetDimension()
+    if dimension == 4 and size[3] == 1:
+        pass  # a 3D volume stored with a trailing axis of one: SimpleITK reads it as 4D
+    elif dimension != 3:
+        raise InputError(f"{source}: expected a 3D image, got {dimension}D of size {size}")
+    if reader.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise InputError(f"{source}: unsupported pixel type {sitk.GetPixelIDValueAsString(reader.GetPixelID())} (expected real scalar HU)")
+    if reader.GetNumberOfComponents() != 1:
+        raise InputError(f"{source}: expected scalar voxels, got {reader.GetNumberOfComponents()} components per voxel")
+    if reader.GetPixelID() not in _REAL_PIXEL_IDS:
+        raise InputError(f"{source}: unsupported pixel type {sitk.GetPixelIDValueAsString(reader.GetPixelID())} (expected real scalar HU)")
+    if min(size[:3]) < 1 or size[0] < 8 or size[1] < 8:
+        raise InputError(f"{source}: image of size {size} is too small to be an axial CT")
+    if any(not np.isfinite(s) or s <= 0 for s in reader.GetSpacing()[:3]):
+        raise InputError(f"{source}: invalid voxel spacing {reader.GetSpacing()}")
+    if not np.all(np.isfinite(reader.GetOrigin())) or not np.all(np.isfinite(reader.GetDirection())):
+        raise InputError(f"{source}: origin or direction is not finite")
+    if abs(np.linalg.det(np.asarray(reader.GetDirection(), dtype=float).reshape(dimension, dimension)[:3, :3])) < 1e-3:
+        raise InputError(f"{source}: direction matrix is singular {reader.GetDirection()}")
 
 
 def check_ct_image(image: sitk.Image, source: Path) -> None:
@@ -72,6 +139,20 @@ def check_ct_image(image: sitk.Image, source: Path) -> None:
         raise InputError(f"{source}: image of size {image.GetSize()} is too small to be an axial CT")
     if any(not np.isfinite(s) or s <= 0 for s in image.GetSpacing()):
         raise InputError(f"{source}: invalid voxel spacing {image.GetSpacing()}")
+
+
+#: below this span of values (HU) a volume cannot be a CT of the trunk (air to muscle alone spans ~1000 HU)
+MIN_HU_SPAN = 200.0
+
+
+def check_hu_range(volume_zyx: np.ndarray, source: Path) -> None:
+    """Refuse volumes that are not CT in Hounsfield units: NaN/Inf, constant, a mask (0/1) or normalised data."""
+    if volume_zyx.dtype.kind == "f" and not np.isfinite(volume_zyx).all():
+        raise InputError(f"{source}: image holds NaN or infinite voxels")
+    low, high = float(volume_zyx.min()), float(volume_zyx.max())
+    if high - low < MIN_HU_SPAN:
+        what = "constant" if high == low else f"values span only {low:g} to {high:g}"
+        raise InputError(f"{source}: image is {what}: not a CT in Hounsfield units (a mask, or normalised data?)")
 
 
 def to_hu_array(image: sitk.Image, source: Path) -> np.ndarray:
@@ -90,20 +171,38 @@ def to_hu_array(image: sitk.Image, source: Path) -> np.ndarray:
     return volume
 
 
-def read_ct(path: Path) -> tuple[np.ndarray, Geometry]:
-    """Read a CT from an image file or a DICOM series folder as HU (volume_zyx, Geometry)."""
+#: check_size(size_xyz, stored_bytes_per_voxel=..., source=...) raises when a volume may not be read
+SizeCheck = Callable[..., None]
+
+
+def read_ct(path: Path, *, check_size: SizeCheck | None = None) -> tuple[np.ndarray, Geometry]:
+    """Read a CT from an image file or a DICOM series folder as HU (volume_zyx, Geometry).
+
+    The header is read and checked first (dimension, pixel type, size and, with `check_size`, the
+    memory budget), so that a volume that cannot be used is refused before a voxel is decoded.
+    """
     path = Path(path)
     if path.is_dir():
         from preprocess.dicom import read_dicom_series
 
-        return read_dicom_series(path)
+        return read_dicom_series(path, check_size=check_size)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if not path.name.lower().endswith(IMAGE_SUFFIXES):
         raise InputError(f"{path}: unsupported file type (expected one of {', '.join(IMAGE_SUFFIXES)} or a DICOM folder)")
-    image = read_image(path)
+    reader = read_image_header(path)
+    check_ct_header(reader, path)
+    if check_size is not None:
+        check_size(tuple(int(n) for n in reader.GetSize()[:3]), stored_bytes_per_voxel=_stored_bytes_per_voxel(reader), source=path)
+    image = _read_pixels(reader, path)
+    if image.GetDimension() == 4:
+        image = image[:, :, :, 0]
     check_ct_image(image, path)
-    return to_hu_array(image, path), Geometry.from_image(image)
+    geometry = Geometry.from_image(image)
+    volume = to_hu_array(image, path)
+    del image
+    check_hu_range(volume, path)
+    return volume, geometry
 
 
 def case_id(path: Path) -> str:
@@ -138,4 +237,7 @@ def write_image_atomically(image: sitk.Image, path: Path) -> None:
         os.replace(temp, path)
     except (RuntimeError, OSError) as error:
         Path(temp).unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write image ({str(error).strip().splitlines()[-1][:200]})") from None
+        raise OutputError(f"{path}: cannot write image ({_reason(error)})") from None
+    except BaseException:  # a time budget's alarm, an interrupt: leave no partial file
+        Path(temp).unlink(missing_ok=True)
+        raise

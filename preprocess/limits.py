@@ -1,0 +1,126 @@
+"""The budgets a case must fit: memory (checked from the header, before a voxel is decoded) and time.
+
+Defaults follow Grand Challenge's algorithm jobs (grand-challenge.org settings and models):
+`ALGORITHMS_JOB_DEFAULT_TIME_LIMIT_SECONDS = 3600` (jobs may be given 300 s to 24 h) and
+`Algorithm.job_requires_memory_gb = 8` (4 to 32 GB). Here the memory budget is the container's cgroup
+limit when it has one, else the machine's physical memory; `--memory-limit-gb` overrides it.
+
+The peak-memory model, `PEAK_FIXED_BYTES + voxels * (PEAK_BYTES_PER_VOXEL + stored bytes per voxel)`,
+is fitted to process.py's measured peak RSS by benchmarks/bench_memory.py (512x512x300 and x1000).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from preprocess.errors import MemoryBudgetError, TimeBudgetError
+
+GC_DEFAULT_JOB_TIME_LIMIT_S = 3600
+GC_DEFAULT_JOB_MEMORY_GB = 8
+#: a case may use the job's default time limit less 5 minutes for start-up, model loading and results
+DEFAULT_CASE_TIME_LIMIT_S = GC_DEFAULT_JOB_TIME_LIMIT_S - 300
+#: after the soft limit, how long a case stuck inside native code (no Python bytecode runs, so no
+#: exception can be raised) gets before the process reports it and exits
+HARD_LIMIT_GRACE_S = 60.0
+
+# Measured (benchmarks/bench_memory.py, docs/benchmarks.md): runtime, model and the streamed logits
+# chunks are the fixed part; the CT, its label map and the measures' temporaries grow with the voxels.
+PEAK_FIXED_BYTES = 768 * 2**20
+PEAK_BYTES_PER_VOXEL = 17
+
+_CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+
+
+def estimate_peak_bytes(size_xyz: tuple[int, ...], *, stored_bytes_per_voxel: int) -> int:
+    """process.py's peak memory for one case of this size whose file stores `stored_bytes_per_voxel`."""
+    voxels = 1
+    for n in size_xyz:
+        voxels *= int(n)
+    return PEAK_FIXED_BYTES + voxels * (PEAK_BYTES_PER_VOXEL + stored_bytes_per_voxel)
+
+
+def detect_memory_limit() -> tuple[int, str]:
+    """(bytes, where the number came from): the cgroup limit of this container, else physical memory."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in _CGROUP_LIMITS:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < physical:
+            return int(text), f"the container's memory limit ({path})"
+    return physical, "the machine's physical memory"
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    limit_bytes: int
+    origin: str  # where the limit came from, for the message
+
+    def check(self, size_xyz: tuple[int, ...], *, stored_bytes_per_voxel: int, source: Path) -> None:
+        """Refuse a volume whose estimated peak exceeds the budget, naming its size."""
+        need = estimate_peak_bytes(size_xyz, stored_bytes_per_voxel=stored_bytes_per_voxel)
+        if need > self.limit_bytes:
+            voxels = 1
+            for n in size_xyz:
+                voxels *= int(n)
+            raise MemoryBudgetError(
+                f"{source}: {'x'.join(str(int(n)) for n in size_xyz)} voxels ({voxels / 1e6:.0f} M) would need about "
+                f"{need / 2**30:.1f} GiB, more than the {self.limit_bytes / 2**30:.1f} GiB budget of {self.origin}; "
+                f"refused before reading (raise --memory-limit-gb or crop the volume)"
+            )
+
+
+class CaseTimer:
+    """Stop a case that runs past `seconds`.
+
+    Soft limit: SIGALRM (main thread only) raises TimeBudgetError wherever Python code runs next, so the
+    case unwinds through its own cleanup and writes nothing. Hard limit: a case stuck in native code for
+    `grace_s` more is reported by `on_hard_timeout` (which must log and clean up) and the process exits
+    with TimeBudgetError's code, since a thread cannot be interrupted there.
+    """
+
+    def __init__(self, seconds: float | None, *, case: str, on_hard_timeout: Callable[[str], None] | None = None,
+                 grace_s: float | None = None):
+        self.seconds = seconds
+        self.case = case
+        self.on_hard_timeout = on_hard_timeout
+        self.grace_s = HARD_LIMIT_GRACE_S if grace_s is None else grace_s
+        self._previous = None
+        self._watchdog: threading.Timer | None = None
+
+    def message(self) -> str:
+        return f"{self.case}: stopped after the time budget of {self.seconds:g} s per case (--time-limit-s)"
+
+    def _on_alarm(self, signum, frame):
+        raise TimeBudgetError(self.message())
+
+    def _on_hard_timeout(self) -> None:
+        message = f"{self.message()}; it did not stop within {self.grace_s:g} s more (stuck in native code), exiting"
+        if self.on_hard_timeout is not None:
+            self.on_hard_timeout(message)
+        os._exit(TimeBudgetError.exit_code)
+
+    def __enter__(self) -> "CaseTimer":
+        if not self.seconds or self.seconds <= 0:
+            return self
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGALRM, self._on_alarm)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        self._watchdog = threading.Timer(self.seconds + self.grace_s, self._on_hard_timeout)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self._previous is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self._previous)
+            self._previous = None
