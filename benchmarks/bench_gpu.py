@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -44,13 +45,14 @@ ROWS = {
 
 
 def skip_reason(needs_gpu: bool, needs_tensorrt: bool) -> str | None:
+    reasons = []
     if needs_gpu:
         status = cuda_status()
         if not status.usable:
-            return status.description
+            reasons.append(status.description)
     if needs_tensorrt and tensorrt_version() is None:
-        return "TensorRT is not installed"
-    return None
+        reasons.append("TensorRT is not installed")
+    return "; ".join(reasons) or None
 
 
 def run_process(args: list[str], env: dict) -> tuple[float, str]:
@@ -84,7 +86,8 @@ def main() -> int:
     (work / "in").mkdir()
     sitk.WriteImage(phantom.geometry.apply_to(sitk.GetImageFromArray(phantom.ct_zyx)), str(work / "in" / "bench.mha"), useCompression=True)
     (work / "warmup").mkdir()
-    sitk.WriteImage(phantom.geometry.apply_to(sitk.GetImageFromArray(phantom.ct_zyx[:1])), str(work / "warmup" / "one.mha"))
+    one_slice = replace(phantom.geometry, size_xyz=(*phantom.geometry.size_xyz[:2], 1))
+    sitk.WriteImage(one_slice.apply_to(sitk.GetImageFromArray(phantom.ct_zyx[:1])), str(work / "warmup" / "one.mha"))
     env = {**os.environ, "TRUNKSEG_ENGINE_CACHE": str(work / "engines")}
     status = cuda_status()
     shape = phantom.ct_zyx.shape
@@ -119,6 +122,7 @@ def main() -> int:
         name = f"{row} ({result['runtime']['name']})"
         lines.append(f"| {name} | {wall:.1f} | {case_s:.2f} | {timings['segment']:.2f} | {1000 * timings['segment'] / shape[0]:.0f} | {agreement} | {dice} |")
     print("\n".join(lines))
+    print(f"load average during the run: {' '.join(f'{v:.1f}' for v in os.getloadavg())}", file=sys.stderr)
     return 0
 
 

@@ -264,10 +264,15 @@ def gpu_identity(device_index: int = 0) -> GpuIdentity:
     return GpuIdentity(torch.cuda.get_device_name(device_index), f"{major}.{minor}", trt.__version__)
 
 
-def _logger():
-    trt = import_tensorrt()
+_LOGGER = []
 
-    return trt.Logger(trt.Logger.WARNING)
+
+def _logger():
+    """One TensorRT logger for the process: it must outlive every builder, runtime and engine made with it."""
+    if not _LOGGER:
+        trt = import_tensorrt()
+        _LOGGER.append(trt.Logger(trt.Logger.WARNING))
+    return _LOGGER[0]
 
 
 def onnx_for_build(package: ModelPackage, key: EngineKey, cache_dir: Path, *, log: Log = _stderr) -> Path:
