@@ -64,6 +64,9 @@ class ModelCard:
     files: dict = field(default_factory=dict)  # role -> {"path", "sha256"}
     provenance: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    #: reduced-precision modes measured against fp32 on this model (model/precision.py):
+    #: mode -> {"holds": bool, "runtime", "voxel_agreement", "min_dice", ...}; a mode runs by default only where it holds
+    precision_agreement: dict = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -97,6 +100,7 @@ class ModelCard:
                 files=dict(data.get("files", {})),
                 provenance=dict(data.get("provenance", {})),
                 metrics=dict(data.get("metrics", {})),
+                precision_agreement=dict(data.get("precision_agreement", {})),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ModelPackageError(f"{source}: invalid model card ({type(error).__name__}: {error})") from None

@@ -4,16 +4,26 @@ Each runtime checks its named input and output (shape, dtype) the way Polygraphy
 input "image" float32 (batch, channels, tile_y, tile_x), output "logits" float32 (batch, classes,
 tile_y, tile_x). `open_runtime` picks one and says why.
 
-- onnxruntime: ONNX Runtime on the CPU, the default without a GPU (the CPU image has no torch).
-- torch: PyTorch eager from the safetensors weights, on CPU or CUDA (fp32, or bf16/fp16 autocast).
-- tensorrt: the seam for TensorRT engines (issue: GPU path). Not implemented in this build; asking
-  for it is an error rather than a silent fallback.
+- openvino: OpenVINO on the CPU over the package's ONNX export: fp32, bf16 (AMX / AVX512-BF16: about
+  4x fp32 on the development machine) or int8 (the package's statically quantized ONNX, see
+  model/quantize.py). The default on a CPU when installed.
+- onnxruntime: ONNX Runtime on the CPU: fp32 or int8 (it has no bf16 convolution on x86).
+- torch: PyTorch eager from the safetensors weights on the CPU (fp32, or bf16 autocast); on a GPU,
+  model/cuda_runtime.py (fp16 autocast, channels_last, CUDA graphs).
+- tensorrt: TensorRT engines on a CUDA GPU (model/tensorrt_runtime.py; written against TensorRT's
+  documented API, not run on this project's GPU-less machines). On a GPU `auto` takes TensorRT, then
+  PyTorch CUDA, then the CPU, falling back when one fails to start (model/runtime_gpu.py); the GPU
+  runtimes run the whole slice pipeline on the device (model/segment_torch.py).
+
+Which precision a runtime runs is model/precision.py's choice: a reduced precision only where the model
+card records that it agrees with fp32 on that model.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,7 +32,7 @@ import numpy as np
 from model.package import INPUT_NAME, OUTPUT_NAME, ModelPackage
 from preprocess.errors import ModelPackageError, RuntimeUnavailableError
 
-RUNTIMES = ("auto", "onnxruntime", "torch", "tensorrt")
+RUNTIMES = ("auto", "openvino", "onnxruntime", "torch", "tensorrt")
 
 
 class Runtime(Protocol):
@@ -49,14 +59,87 @@ def _check_logits(logits: np.ndarray, batch: np.ndarray, classes: int, who: str)
     return logits if logits.dtype == np.float32 else logits.astype(np.float32)
 
 
-class OnnxRuntimeRunner:
-    """ONNX Runtime on the CPU over the package's ONNX export."""
+def onnx_role(precision: str) -> str:
+    """The package file role of the ONNX graph a precision runs: the fp32 export, or the quantized one for int8."""
+    return "onnx_int8" if precision == "int8" else "onnx"
 
-    name = "onnxruntime"
 
-    def __init__(self, package: ModelPackage, *, threads: int | None = None):
+class OpenVinoRunner:
+    """OpenVINO on the CPU over the package's ONNX export, in fp32, bf16 or int8 (the quantized export).
+
+    bf16 is OpenVINO's INFERENCE_PRECISION_HINT: convolutions in bf16 on AMX/AVX512-BF16, InstanceNorm
+    statistics and the output in f32. On a CPU without native bf16 OpenVINO would quietly run f32, so
+    asking for bf16 there is an error. One stream, `threads` inference threads, latency mode; with
+    the same settings on the same machine the output is the same from run to run (tested).
+    """
+
+    precisions = ("fp32", "bf16", "int8")
+
+    def __init__(self, package: ModelPackage, *, threads: int | None = None, precision: str = "fp32"):
+        if precision not in self.precisions:
+            raise RuntimeUnavailableError(f"openvino: precision {precision!r} is not available (choose from {', '.join(self.precisions)})")
         self.package = package
         self.threads = threads
+        self.precision = precision
+        self.name = f"openvino-{precision}"
+        self.request = None
+
+    def __enter__(self) -> "OpenVinoRunner":
+        import openvino
+
+        core = openvino.Core()
+        if self.precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            raise RuntimeUnavailableError("openvino: this CPU has no native bf16 (AMX or AVX512-BF16); use --precision fp32")
+        path = self.package.path_of(onnx_role(self.precision))
+        try:
+            model = core.read_model(str(path))
+        except Exception as error:  # OpenVINO raises its own untyped errors for bad files
+            raise ModelPackageError(f"{path}: OpenVINO cannot read the model ({str(error)[:200]})") from None
+        card = self.package.card
+        inputs = {name: port for port in model.inputs for name in port.get_names()}
+        outputs = {name: port for port in model.outputs for name in port.get_names()}
+        if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
+            raise ModelPackageError(f"{path}: expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r}, found {list(inputs)} -> {list(outputs)}")
+        shape = inputs[INPUT_NAME].get_partial_shape()
+        if [d.get_length() if d.is_static else None for d in shape][1:] != [card.input_channels, *card.tile_size]:
+            raise ModelPackageError(f"{path}: input shape {shape} does not match the card's tile {card.tile_size}")
+        classes = outputs[OUTPUT_NAME].get_partial_shape()[1]
+        if not classes.is_static or classes.get_length() != card.num_classes:
+            raise ModelPackageError(f"{path}: output has {classes} classes, card says {card.num_classes}")
+        config = {
+            "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+        }
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        compiled = core.compile_model(model, "CPU", config)
+        self._output = compiled.output(OUTPUT_NAME)
+        self.request = compiled.create_infer_request()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.request = None
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        card = self.package.card
+        _check_batch(batch, card.input_channels, card.tile_size, self.name)
+        logits = self.request.infer({INPUT_NAME: np.ascontiguousarray(batch)})[self._output]  # a copy: the request reuses its buffer
+        return _check_logits(logits, batch, card.num_classes, self.name)
+
+
+class OnnxRuntimeRunner:
+    """ONNX Runtime on the CPU over the package's ONNX export (fp32) or its quantized export (int8)."""
+
+    precisions = ("fp32", "int8")
+
+    def __init__(self, package: ModelPackage, *, threads: int | None = None, precision: str = "fp32"):
+        if precision not in self.precisions:
+            raise RuntimeUnavailableError(f"onnxruntime: precision {precision!r} is not available (choose from {', '.join(self.precisions)})")
+        self.package = package
+        self.threads = threads
+        self.precision = precision
+        self.name = "onnxruntime" if precision == "fp32" else f"onnxruntime-{precision}"
         self.session = None
 
     def __enter__(self) -> "OnnxRuntimeRunner":
@@ -67,7 +150,7 @@ class OnnxRuntimeRunner:
         if self.threads:
             options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
-        path = self.package.path_of("onnx")
+        path = self.package.path_of(onnx_role(self.precision))
         try:
             self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as error:  # onnxruntime raises its own untyped errors for bad files
@@ -99,7 +182,7 @@ class TorchRunner:
 
     def __init__(self, package: ModelPackage, *, device: str = "cpu", precision: str = "fp32", threads: int | None = None):
         if precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"unknown precision {precision!r}")
+            raise RuntimeUnavailableError(f"torch: precision {precision!r} is not available (choose from fp32, bf16, fp16)")
         self.package = package
         self.device = device
         self.precision = precision
@@ -152,25 +235,30 @@ class TorchRunner:
 class RuntimeChoice:
     name: str
     reason: str
+    fallbacks: tuple[str, ...] = ()  # tried in order when this one fails to start (auto on a GPU; model/runtime_gpu.py)
 
 
 def choose_runtime(requested: str) -> RuntimeChoice:
-    """Which runtime to use, and why. `auto`: torch on CUDA when a GPU is visible, else ONNX Runtime."""
+    """Which runtime to use, and why. `auto`: torch on CUDA when a GPU is visible, else OpenVINO, else ONNX Runtime."""
     if requested not in RUNTIMES:
         raise RuntimeUnavailableError(f"unknown runtime {requested!r} (choose from {', '.join(RUNTIMES)})")
-    if requested == "tensorrt":
-        raise RuntimeUnavailableError("runtime 'tensorrt' is not part of this build yet (GPU path issue); use onnxruntime or torch")
+    if requested in ("auto", "tensorrt"):  # on a GPU: TensorRT, else PyTorch CUDA, each falling back (model/runtime_gpu.py)
+        from model.runtime_gpu import choose_gpu_runtime
+
+        gpu = choose_gpu_runtime(requested, cpu_fallback="openvino" if importlib.util.find_spec("openvino") else "onnxruntime")
+        if gpu.name is not None:
+            return RuntimeChoice(gpu.name, gpu.reason, gpu.fallbacks)
     if requested == "auto":
-        if importlib.util.find_spec("torch") is not None and _cuda_available():
-            return RuntimeChoice("torch-cuda", "a CUDA GPU is visible and torch is installed")
+        if importlib.util.find_spec("openvino") is not None:
+            return RuntimeChoice("openvino", "no CUDA GPU visible: OpenVINO on the CPU (the fastest CPU runtime here)")
         if importlib.util.find_spec("onnxruntime") is None:
-            raise RuntimeUnavailableError("neither a CUDA GPU with torch nor onnxruntime is available")
-        return RuntimeChoice("onnxruntime", "no CUDA GPU visible: ONNX Runtime on the CPU")
+            raise RuntimeUnavailableError("neither a CUDA GPU with torch nor openvino or onnxruntime is available")
+        return RuntimeChoice("onnxruntime", "no CUDA GPU visible and openvino not installed: ONNX Runtime on the CPU")
     if importlib.util.find_spec(requested) is None:
         raise RuntimeUnavailableError(f"runtime {requested!r} requested but the {requested} package is not installed")
     if requested == "torch":
         return RuntimeChoice("torch-cuda" if _cuda_available() else "torch-cpu", "requested on the command line")
-    return RuntimeChoice("onnxruntime", "requested on the command line")
+    return RuntimeChoice(requested, "requested on the command line")
 
 
 def _cuda_available() -> bool:
@@ -184,7 +272,13 @@ def _cuda_available() -> bool:
 def open_runtime(choice: RuntimeChoice, package: ModelPackage, *, threads: int | None = None, precision: str = "fp32") -> Runtime:
     """The (not yet entered) runtime for `choice`."""
     if choice.name == "onnxruntime":
-        return OnnxRuntimeRunner(package, threads=threads)
+        return OnnxRuntimeRunner(package, threads=threads, precision=precision)
+    if choice.name == "openvino":
+        return OpenVinoRunner(package, threads=threads, precision=precision)
+    if choice.name in ("tensorrt", "torch-cuda"):  # the GPU runners (torch imported only here)
+        from model.runtime_gpu import open_gpu_runtime
+
+        return open_gpu_runtime(choice.name, package, precision=precision, log=lambda message: print(message, file=sys.stderr, flush=True))
     if choice.name in ("torch-cpu", "torch-cuda"):
         return TorchRunner(package, device="cuda" if choice.name == "torch-cuda" else "cpu", precision=precision, threads=threads)
     raise RuntimeUnavailableError(f"no runtime named {choice.name!r}")

@@ -138,7 +138,7 @@ def segment_volume(
     weight = np.zeros(padded, dtype=np.float32)
     for y, x in offsets:
         weight[y : y + tile[0], x : x + tile[1]] += gauss
-    inverse_weight = 1.0 / weight
+    inverse_weight = np.float32(1.0) / weight
     n_classes = card.num_classes
     per_slice = n_classes * padded[0] * padded[1] * 4
     chunk = max(1, min(n_slices, chunk_bytes // per_slice))
@@ -151,6 +151,13 @@ def segment_volume(
     if resample and not per_slice_bounds:  # normalisation is monotone: the volume's bounds from its HU extremes
         extremes = np.array([volume_zyx.min(), volume_zyx.max()], dtype=np.float32)
         volume_bounds = normalize_ct(extremes, clip_low=norm.clip_low, clip_high=norm.clip_high, mean=norm.mean, std=norm.std)
+    # One tile covering the whole (padded) slice: the Gaussian weight cancels (nnU-Net multiplies by it and
+    # divides by the same sum), so the logits are the network's own. Without resampling back, the argmax
+    # of the Gaussian-weighted sum is that of the blended logits (a positive weight per pixel): no division.
+    single_tile = len(offsets) == 1 and padded == tile
+    divide = resample and not single_tile
+    crop = (slice(None), slice(None), slice(pads[0][0], pads[0][0] + model_shape[0]), slice(pads[1][0], pads[1][0] + model_shape[1]))
+    buffer = np.empty((chunk, n_classes, *padded), dtype=np.float32)  # the chunk's logits, allocated once
 
     for part in iter_chunks(n_slices, chunk):
         started = time.perf_counter()
@@ -166,7 +173,9 @@ def segment_volume(
             data = np.pad(data, ((0, 0), *pads), mode="constant", constant_values=0)
         stats.seconds["normalize_resample"] += time.perf_counter() - started
 
-        logits = np.zeros((data.shape[0], n_classes, *padded), dtype=np.float32)
+        logits = buffer[: data.shape[0]]
+        if not single_tile:
+            logits.fill(0)
         jobs = [(s, y, x) for s in range(data.shape[0]) for y, x in offsets]
         for first in range(0, len(jobs), batch_size):
             batch_jobs = jobs[first : first + batch_size]
@@ -177,18 +186,20 @@ def segment_volume(
             stats.network_calls += 1
             stats.tiles += len(batch_jobs)
             started = time.perf_counter()
-            out *= gauss
-            for (s, y, x), tile_logits in zip(batch_jobs, out):
-                logits[s, :, y : y + tile[0], x : x + tile[1]] += tile_logits
+            if single_tile:
+                logits[batch_jobs[0][0] : batch_jobs[-1][0] + 1] = out
+            else:
+                out *= gauss
+                for (s, y, x), tile_logits in zip(batch_jobs, out):
+                    logits[s, :, y : y + tile[0], x : x + tile[1]] += tile_logits
             stats.seconds["blend"] += time.perf_counter() - started
 
         started = time.perf_counter()
-        logits *= inverse_weight
-        logits = logits[:, :, pads[0][0] : pads[0][0] + model_shape[0], pads[1][0] : pads[1][0] + model_shape[1]]
-        channels = resample_argmax(logits, (height, width))
+        if divide:
+            logits *= inverse_weight
+        channels = resample_argmax(logits[crop], (height, width))
         labels[part] = channel_labels[channels]
         stats.seconds["resample_back_argmax"] += time.perf_counter() - started
-        del logits
         if progress is not None:
             progress(part.stop - part.start)
     return labels

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from model.package import load_model_package
-from model.runtime import OnnxRuntimeRunner, TorchRunner, choose_runtime, open_runtime
+from model.runtime import OnnxRuntimeRunner, OpenVinoRunner, TorchRunner, choose_runtime, open_runtime
 from preprocess.errors import ModelPackageError, RuntimeUnavailableError
 from tests.conftest import DEMO_MODEL
 from training.phantom import make_annotated_slices
@@ -77,7 +77,7 @@ def test_onnxruntime_and_torch_agree_on_the_demo_model(demo_package, phantom_til
     assert np.mean(a.argmax(1) == b.argmax(1)) > 0.9999
 
 
-@pytest.mark.parametrize("runner_class", [OnnxRuntimeRunner, TorchRunner])
+@pytest.mark.parametrize("runner_class", [OnnxRuntimeRunner, OpenVinoRunner, TorchRunner])
 def test_runtimes_check_their_named_input(demo_package, runner_class):
     tile = demo_package.card.tile_size
     with runner_class(demo_package) as runner:
@@ -89,7 +89,7 @@ def test_runtimes_check_their_named_input(demo_package, runner_class):
 
 def test_runtime_choice_is_explained():
     choice = choose_runtime("auto")
-    assert choice.name in ("onnxruntime", "torch-cuda") and choice.reason
+    assert choice.name in ("openvino", "onnxruntime", "torch-cuda") and choice.reason
     assert choose_runtime("onnxruntime").name == "onnxruntime"
     with pytest.raises(RuntimeUnavailableError, match="tensorrt"):
         choose_runtime("tensorrt")
