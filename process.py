@@ -5,10 +5,8 @@
 
 Writes <output>/images/<output-slug>/<case>.mha (uint8 labels on the input grid, labels in
 model/labels.json) and <output>/results.json. Exit codes: 0 all cases done, 2 usage, 3 bad input,
-4 bad model package, 5 output not writable or full, 6 runtime unavailable, 7 a case exceeded the
-memory budget (refused from its header) or the time budget (stopped), 1 unexpected. A failed case
-leaves no output of its own and one line on stderr; the other cases still run (after an output
-error the run stops: the output cannot take more).
+4 bad model package, 5 output not writable, 6 runtime unavailable, 1 unexpected. A failed case
+leaves no output of its own and one line on stderr; the other cases still run.
 """
 
 from __future__ import annotations
@@ -16,26 +14,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
-import traceback
 from pathlib import Path
 
 from model.package import ModelPackage, load_model_package
 from model.runtime import RUNTIMES, RuntimeChoice, choose_runtime, open_runtime
 from model.segment import SegmentStats, segment_volume
-from postprocess.measures import measure_muscles
-from preprocess.errors import LimitError, OutputError, TrunkSegError
+from postprocess import __version__ as POSTPROCESS_VERSION
+from postprocess.dicom_seg import SEGMENTATION_TYPES
+from postprocess.outputs import StagedOutputs
+from postprocess.report import ReportOptions, load_vertebrae, write_case_report
+from preprocess.errors import InputError, OutputError, TrunkSegError
 from preprocess.geometry import Reorientation
 from preprocess.inputs import Case, find_cases
-from preprocess.io import read_ct, write_label_map
-from preprocess.limits import DEFAULT_CASE_TIME_LIMIT_S, CaseTimer, MemoryBudget, detect_memory_limit
+from preprocess.io import case_id, is_image_file, read_ct, write_label_map
+from preprocess.vertebrae import SCHEMES
 
 REPO = Path(__file__).resolve().parent
 BUNDLED_MODEL = REPO / "model" / "packages" / "demo-phantom"
 GC_MODEL = Path("/opt/ml/model")
 OUTPUT_SLUG = "muscle-segmentation"
+VERTEBRAE_SLUG = "vertebrae-segmentation"
+QC_PATH = "muscle-qc.png"
 
 
 def log(message: str) -> None:
@@ -63,10 +64,12 @@ def progress_bar(total: int, label: str):
 
 
 def run_case(case: Case, *, package: ModelPackage, runtime, choice: RuntimeChoice, output_dir: Path, slug: str, batch_size: int,
-             memory_budget: MemoryBudget | None = None) -> dict:
+             report: ReportOptions = ReportOptions(), vertebrae: Path | None = None) -> dict:
     timings = {}
     started = time.perf_counter()
-    volume, geometry = read_ct(case.source, check_size=memory_budget.check if memory_budget else None)
+    volume, geometry = read_ct(case.source)
+    vertebrae = case.vertebrae or vertebrae
+    vertebrae_zyx = load_vertebrae(vertebrae, geometry, report)
     timings["read"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -86,14 +89,18 @@ def run_case(case: Case, *, package: ModelPackage, runtime, choice: RuntimeChoic
     timings["segment"] = time.perf_counter() - started
     timings.update({f"segment.{k}": v for k, v in stats.seconds.items()})
 
-    started = time.perf_counter()
     labels = reorientation.invert(labels)
-    muscles = measure_muscles(labels, volume, geometry)
-    timings["measure"] = time.perf_counter() - started
-
-    started = time.perf_counter()
     output = output_dir / "images" / slug / f"{case.case_id}.mha"
-    write_label_map(labels, geometry, output)
+    with StagedOutputs() as staged:  # the mask and every report appear together, or none of them
+        started = time.perf_counter()
+        reports = write_case_report(
+            case_id=case.case_id, labels_zyx=labels, hu_zyx=volume, geometry=geometry, source=case.source, vertebrae=vertebrae,
+            vertebrae_zyx=vertebrae_zyx, options=report, output_dir=output_dir, staged=staged, model_identity=package.card.identity,
+            software_version=POSTPROCESS_VERSION,
+        )
+        timings["measure"] = time.perf_counter() - started
+        started = time.perf_counter()
+        write_label_map(labels, geometry, staged.path_for(output))
     timings["write"] = time.perf_counter() - started
     n_slices = geometry.shape_zyx[0]
     log(
@@ -113,7 +120,7 @@ def run_case(case: Case, *, package: ModelPackage, runtime, choice: RuntimeChoic
         "shape_zyx": list(geometry.shape_zyx),
         "spacing_mm": list(geometry.spacing_mm),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "muscles": muscles,
+        **reports,
     }
 
 
@@ -126,47 +133,20 @@ def write_json_atomically(data: dict, path: Path) -> None:
     except OSError as error:
         temp.unlink(missing_ok=True)
         raise OutputError(f"{path}: cannot write ({error.strerror})") from None
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
 
 
-def check_output_writable(output_dir: Path) -> None:
-    """Fail before any work when the output folder cannot be created or written."""
-    probe = output_dir / f".probe-{os.getpid()}"
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise OutputError(f"{output_dir}: output folder is not writable ({error.strerror})") from None
-
-
-def list_files(root: Path) -> set[Path]:
-    return {Path(folder) / name for folder, dirs, files in os.walk(root) for name in files + dirs}
-
-
-def remove_new_files(root: Path, before: set[Path]) -> None:
-    """Remove what a failed case left under `root` (files first, then its emptied folders)."""
-    for path in sorted(list_files(root) - before, key=lambda p: len(p.parts), reverse=True):
-        if path.is_dir() and not path.is_symlink():
-            if not any(path.iterdir()):
-                path.rmdir()
-        else:
-            path.unlink(missing_ok=True)
-
-
-def describe_failure(error: BaseException, case: Case) -> tuple[str, int]:
-    """One line and an exit code for a case that failed."""
-    if isinstance(error, TrunkSegError):
-        return str(error), error.exit_code
-    if isinstance(error, MemoryError):
-        return (f"{case.source}: ran out of memory (lower --memory-limit-gb to refuse such volumes up front, "
-                f"or give the job more memory)"), LimitError.exit_code
-    if os.environ.get("TRUNKSEG_DEBUG"):
-        traceback.print_exc()
-    reason = " ".join(str(error).split())[:300]
-    return f"{case.source}: unexpected {type(error).__name__}: {reason} (set TRUNKSEG_DEBUG=1 for the traceback)", 1
+def vertebrae_maps(path: Path | None, cases) -> dict[str, Path]:
+    """--vertebrae: one file for the one case, or a folder of <case_id>.<image suffix> files (a case without one has no levels)."""
+    if path is None:
+        return {}
+    if path.is_file():
+        if len(cases) != 1:
+            raise InputError(f"{path}: one vertebra label map given for {len(cases)} cases; give a folder of <case>.<ext> files")
+        return {cases[0].case_id: path}
+    if not path.is_dir():
+        raise InputError(f"{path}: vertebra label map not found")
+    files = {case_id(p): p for p in sorted(path.iterdir()) if is_image_file(p)}
+    return {c.case_id: files[c.case_id] for c in cases if c.case_id in files}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -177,46 +157,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runtime", choices=RUNTIMES, default=os.environ.get("TRUNKSEG_RUNTIME", "auto"))
     parser.add_argument("--input-slug", default=None, help="image socket slug to read when several are present")
     parser.add_argument("--output-slug", default=OUTPUT_SLUG, help=f"output socket slug (default {OUTPUT_SLUG})")
+    parser.add_argument("--vertebrae", type=Path, default=None,
+                        help="vertebra label map given with the CT, for per-level measures: a file (one case) or a folder of <case>.<ext> files")
+    parser.add_argument("--vertebra-labels", choices=sorted(SCHEMES), default="totalsegmentator",
+                        help="what the vertebra map's values mean (default totalsegmentator: 26 S1 .. 50 C1; levels: 1..13 = T4..L4)")
+    parser.add_argument("--vertebrae-slug", default=VERTEBRAE_SLUG, help=f"Grand Challenge socket slug of the vertebra labels (default {VERTEBRAE_SLUG})")
+    parser.add_argument("--qc-path", default=QC_PATH, help=f"Grand Challenge layout: relative path of the QC picture, the Thumbnail PNG socket (default {QC_PATH})")
+    parser.add_argument("--nifti", action="store_true", help="also write the label map as nifti/<case>.nii.gz")
+    parser.add_argument("--dicom-seg-type", choices=SEGMENTATION_TYPES, default="labelmap",
+                        help="DICOM-SEG for DICOM input: labelmap (default: one JPEG-LS frame per slice, small; newer viewers) "
+                             "or binary (read by every SEG viewer; about 0.7 MB per slice for 22 muscles)")
     parser.add_argument("--batch-size", type=int, default=4, help="tiles per network call")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads for the runtime")
-    parser.add_argument("--memory-limit-gb", type=float, default=_env_float("TRUNKSEG_MEMORY_LIMIT_GB"),
-                        help="refuse, from its header, a case whose estimated peak memory exceeds this (GiB; default: the "
-                             "container's memory limit, else physical memory; $TRUNKSEG_MEMORY_LIMIT_GB)")
-    parser.add_argument("--time-limit-s", type=float, default=_env_float("TRUNKSEG_TIME_LIMIT_S", DEFAULT_CASE_TIME_LIMIT_S),
-                        help=f"stop a case after this many seconds, 0 for none (default {DEFAULT_CASE_TIME_LIMIT_S}: Grand Challenge's "
-                             f"default job limit of 3600 s less 5 min; $TRUNKSEG_TIME_LIMIT_S)")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.threads < 1:
         parser.error("--batch-size and --threads must be >= 1")
-    if (args.memory_limit_gb is not None and not args.memory_limit_gb > 0) or not args.time_limit_s >= 0:
-        parser.error("--memory-limit-gb must be > 0 and --time-limit-s >= 0")
+    qc = Path(args.qc_path)
+    if qc.suffix != ".png" or qc.is_absolute() or ".." in qc.parts or qc.parts[0] == "images":
+        parser.error("--qc-path must be a relative .png path outside images/ (a Thumbnail PNG socket's relative_path)")
     return args
-
-
-def _env_float(name: str, default: float | None = None) -> float | None:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        return float(text)
-    except ValueError:
-        raise SystemExit(f"error: ${name}={text!r} is not a number") from None
-
-
-def memory_budget(limit_gb: float | None) -> MemoryBudget:
-    if limit_gb is not None:
-        return MemoryBudget(int(limit_gb * 2**30), "--memory-limit-gb")
-    return MemoryBudget(*detect_memory_limit())
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # A file-size limit (RLIMIT_FSIZE) then fails the write (EFBIG), reported, instead of killing the process.
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
-        cases = find_cases(args.input, slug=args.input_slug)
-        check_output_writable(args.output)
-        budget = memory_budget(args.memory_limit_gb)
+        cases = find_cases(args.input, slug=args.input_slug, vertebrae_slug=args.vertebrae_slug)
+        vertebrae = vertebrae_maps(args.vertebrae, cases.cases)
+        report = ReportOptions(vertebra_scheme=args.vertebra_labels, nifti=args.nifti, dicom_seg_type=args.dicom_seg_type,
+                               qc_path=args.qc_path if cases.layout == "grand-challenge" else None)
         package = load_model_package(args.model or default_model())
         choice = choose_runtime(args.runtime)
         log(f"model {package.card.identity} from {package.folder}; runtime {choice.name} ({choice.reason}); {len(cases.cases)} case(s), {cases.layout} layout")
@@ -225,42 +193,18 @@ def main(argv: list[str] | None = None) -> int:
         exit_code = 0
         with open_runtime(choice, package, threads=args.threads) as runtime:
             for case in cases.cases:
-                before = list_files(args.output)
-
-                def on_hard_timeout(message: str, case: Case = case, before: set[Path] = before) -> None:
-                    log(f"error: {message}")
-                    remove_new_files(args.output, before)
-                    results["cases"].append({"case_id": case.case_id, "status": "failed", "input": str(case.source), "error": message})
-                    write_json_atomically(results, args.output / "results.json")
-
                 try:
-                    with CaseTimer(args.time_limit_s, case=str(case.source), on_hard_timeout=on_hard_timeout):
-                        entry = run_case(case, package=package, runtime=runtime, choice=choice, output_dir=args.output,
-                                         slug=args.output_slug, batch_size=args.batch_size, memory_budget=budget)
-                    results["cases"].append(entry)  # only once the timer is disarmed: a late alarm discards the case whole
-                except Exception as error:  # one case's failure, whatever it is, must not stop the others
-                    remove_new_files(args.output, before)
-                    message, code = describe_failure(error, case)
-                    log(f"error: {message}")
-                    results["cases"].append({"case_id": case.case_id, "status": "failed", "input": str(case.source), "error": message})
-                    exit_code = exit_code or code
-                    if isinstance(error, OutputError):
-                        break  # the output takes no more: every later case would fail the same way
-        try:
-            write_json_atomically(results, args.output / "results.json")
-        except OutputError as error:
-            if exit_code != OutputError.exit_code:  # else the case's own line already said so
-                log(f"error: {error}")
-            return error.exit_code
+                    results["cases"].append(run_case(case, package=package, runtime=runtime, choice=choice, output_dir=args.output, slug=args.output_slug, batch_size=args.batch_size,
+                                                     report=report, vertebrae=vertebrae.get(case.case_id)))
+                except TrunkSegError as error:
+                    log(f"error: {error}")
+                    results["cases"].append({"case_id": case.case_id, "status": "failed", "input": str(case.source), "error": str(error)})
+                    exit_code = exit_code or error.exit_code
+        write_json_atomically(results, args.output / "results.json")
         return exit_code
     except TrunkSegError as error:
         log(f"error: {error}")
         return error.exit_code
-    except Exception as error:
-        if os.environ.get("TRUNKSEG_DEBUG"):
-            traceback.print_exc()
-        log(f"error: unexpected {type(error).__name__}: {' '.join(str(error).split())[:300]} (set TRUNKSEG_DEBUG=1 for the traceback)")
-        return 1
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ IMAGE_KINDS = {"Image", "DICOM Image Set"}
 class Case:
     case_id: str
     source: Path  # an image file or a DICOM series folder
+    vertebrae: Path | None = None  # a vertebra label map given with the CT (Grand Challenge: its own socket)
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,7 @@ class CaseList:
 
 
 def _inside(root: Path, path: Path, what: str) -> Path:
-    try:
-        resolved = path.resolve()
-    except (OSError, ValueError, RuntimeError) as error:  # a NUL byte, a symlink loop
-        raise InputError(f"{what}: cannot resolve {str(path)!r} ({error})") from None
+    resolved = path.resolve()
     if resolved != root.resolve() and root.resolve() not in resolved.parents:
         raise InputError(f"{what}: {path} points outside the input folder {root}")
     return resolved
@@ -65,14 +63,21 @@ def _read_inputs_json(path: Path) -> list:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InputError(f"{path}: not valid JSON ({error})") from None
-    except RecursionError:
-        raise InputError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(data, list):
         raise InputError(f"{path}: expected a list of socket values, got {type(data).__name__}")
     return data
 
 
-def find_cases(input_dir: Path, *, slug: str | None = None) -> CaseList:
+def _vertebrae_in_socket(root: Path, folder: Path) -> Path:
+    """The one image file of the vertebra label socket."""
+    case = _case_in_socket(root, folder)
+    if case.source.is_dir():
+        raise InputError(f"{folder}: the vertebra label socket must hold one image file, not a DICOM series")
+    return case.source
+
+
+def find_cases(input_dir: Path, *, slug: str | None = None, vertebrae_slug: str | None = None) -> CaseList:
+    """The cases; with `vertebrae_slug`, Grand Challenge's socket of that slug (when present) is the vertebra label map."""
     root = Path(input_dir)
     if not root.is_dir():
         raise InputError(f"{root}: input folder does not exist")
@@ -85,6 +90,8 @@ def find_cases(input_dir: Path, *, slug: str | None = None) -> CaseList:
                 raise InputError(f"{inputs_json}: an entry has no 'interface' object")
             if interface.get("kind") in IMAGE_KINDS or interface.get("super_kind") == "Image":
                 sockets.append(interface)
+        vertebra_sockets = [s for s in sockets if vertebrae_slug is not None and s.get("slug") == vertebrae_slug]
+        sockets = [s for s in sockets if s not in vertebra_sockets]
         if slug is not None:
             sockets = [s for s in sockets if s.get("slug") == slug]
         if len(sockets) != 1:
@@ -94,16 +101,27 @@ def find_cases(input_dir: Path, *, slug: str | None = None) -> CaseList:
         if not isinstance(relative, str) or not relative or Path(relative).is_absolute():
             raise InputError(f"{inputs_json}: image input has no usable relative_path ({relative!r})")
         folder = _inside(root, root / relative, str(inputs_json))
-        return CaseList("grand-challenge", (_case_in_socket(root, folder),))
+        case = _case_in_socket(root, folder)
+        if vertebra_sockets:
+            relative = vertebra_sockets[0].get("relative_path")
+            if not isinstance(relative, str) or not relative or Path(relative).is_absolute():
+                raise InputError(f"{inputs_json}: vertebra label input has no usable relative_path ({relative!r})")
+            case = Case(case.case_id, case.source, _vertebrae_in_socket(root, _inside(root, root / relative, str(inputs_json))))
+        return CaseList("grand-challenge", (case,))
     images_dir = root / "images"
     if images_dir.is_dir():
         sockets = sorted(p for p in images_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        vertebra_folders = [p for p in sockets if vertebrae_slug is not None and p.name == vertebrae_slug]
+        sockets = [p for p in sockets if p not in vertebra_folders]
         if slug is not None:
             sockets = [p for p in sockets if p.name == slug]
         if len(sockets) != 1:
             names = ", ".join(p.name for p in sockets) or "none"
             raise InputError(f"{images_dir}: expected one image socket folder without inputs.json, found {names}")
-        return CaseList("grand-challenge", (_case_in_socket(root, sockets[0]),))
+        case = _case_in_socket(root, sockets[0])
+        if vertebra_folders:
+            case = Case(case.case_id, case.source, _vertebrae_in_socket(root, vertebra_folders[0]))
+        return CaseList("grand-challenge", (case,))
     entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
     if not entries:
         raise InputError(f"{root}: input folder is empty")
