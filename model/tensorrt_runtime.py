@@ -6,8 +6,9 @@ is checked (tests/test_tensorrt_*.py: the cache key, the operator support of the
 float16 export's fidelity); the tests that need TensorRT are marked `gpu` and skip saying so.
 
 Engine: one optimisation profile over the batch axis (tile shape fixed), a timing cache, and fp16:
-- TensorRT 10 ("weak" typing): the package's float32 ONNX with BuilderFlag.FP16, normalisation layers
-  pinned to float32 (layer precision and output type, OBEY_PRECISION_CONSTRAINTS);
+- TensorRT 10 ("weak" typing): the package's float32 ONNX with BuilderFlag.FP16, the layers that
+  normalisation parses to pinned to float32 by type (layer precision and output type,
+  OBEY_PRECISION_CONSTRAINTS; see pin_norm_layers_to_float32);
 - TensorRT 11 dropped every precision flag ("strong" typing only): the network is exported as float16
   ONNX with float32 normalisation layers (model/export_fp16.py) and built strongly typed. TensorRT 10
   can build that too (`typing="strong"`).
@@ -46,8 +47,10 @@ DEFAULT_WORKSPACE_BYTES = 4 * 1024**3
 PRECISIONS = ("fp16", "fp32")
 TYPINGS = ("weak", "strong")
 ENGINE_FOLDER = "engines"
-#: a TensorRT layer whose name has this path component belongs to a normalisation module (nnU-Net names them `norm`)
-NORM_LAYER_NAME = re.compile(r"(^|[/.])norm([/._]|$)")
+#: TensorRT layer types kept in float32 in the weak fp16 build: what normalisation layers parse to
+FLOAT32_LAYER_TYPES = ("NORMALIZATION", "REDUCE", "ELEMENTWISE", "UNARY", "SCALE")
+#: a plugin layer whose name has this path component is a normalisation module's (InstanceNorm as a plugin)
+NORM_LAYER_NAME = re.compile(r"(^|[/.])(norm|InstanceNormalization)([/._]|$)")
 
 Log = Callable[[str], None]
 
@@ -307,17 +310,25 @@ def onnx_for_build(package: ModelPackage, key: EngineKey, cache_dir: Path, *, lo
 
 
 def pin_norm_layers_to_float32(network) -> int:
-    """Weak fp16 build: run every normalisation layer (type NORMALIZATION, or named .../norm/...) in float32. Returns how many."""
+    """Weak fp16 build: keep normalisation in float32. Returns how many layers were pinned.
+
+    Chosen by layer type, not by name: an InstanceNormalization node parses to a NORMALIZATION layer
+    (or a plugin named after its module), and model.export's two-pass InstanceNorm to REDUCE,
+    ELEMENTWISE and UNARY layers whose ONNX names follow the traced module path (e.g.
+    `.../all_modules.1/ReduceMean`, not `.../norm/...`). So every layer of those types runs in float32
+    (in nnU-Net's networks that is the normalisation, plus residual additions where there are any),
+    and convolutions, deconvolutions, activations and concatenations run in float16.
+    """
     trt = import_tensorrt()
 
     float_types = (trt.float32, trt.float16)
-    skipped = {trt.LayerType.CONSTANT, trt.LayerType.SHAPE}
+    pinned_types = {getattr(trt.LayerType, name) for name in FLOAT32_LAYER_TYPES if hasattr(trt.LayerType, name)}
+    plugin_types = {getattr(trt.LayerType, name) for name in ("PLUGIN_V2", "PLUGIN_V3") if hasattr(trt.LayerType, name)}
     pinned = 0
     for index in range(network.num_layers):
         layer = network.get_layer(index)
-        if layer.type in skipped:
-            continue
-        if layer.type == trt.LayerType.NORMALIZATION or NORM_LAYER_NAME.search(layer.name or ""):
+        named_norm = layer.type in plugin_types and NORM_LAYER_NAME.search(layer.name or "")
+        if layer.type in pinned_types or named_norm:
             if all(layer.get_output(i).dtype in float_types for i in range(layer.num_outputs)):
                 layer.precision = trt.float32
                 for i in range(layer.num_outputs):
@@ -344,14 +355,16 @@ def build_serialized_engine(onnx_path: Path, key: EngineKey, *, timing_cache: Pa
     if key.precision == "fp16" and key.typing == "weak":
         config.set_flag(trt.BuilderFlag.FP16)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        log(f"tensorrt: fp16 builder flag, {pin_norm_layers_to_float32(network)} normalisation layers kept in float32")
+        log(f"tensorrt: fp16 builder flag; {pin_norm_layers_to_float32(network)} normalisation (reduce/elementwise/unary) layers kept in float32")
     profile = builder.create_optimization_profile()
     shape = lambda batch: (batch, key.input_channels, *key.tile_size)  # noqa: E731
     profile.set_shape(INPUT_NAME, shape(key.batch_range[0]), shape(key.batch_range[1]), shape(key.batch_range[2]))
     config.add_optimization_profile(profile)
     cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        log(f"tensorrt: timing cache {timing_cache} does not fit this GPU/TensorRT; starting an empty one")
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeUnavailableError(f"{onnx_path}: TensorRT could not build an engine (see its log above)")

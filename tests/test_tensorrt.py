@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 from dataclasses import replace
 
 import numpy as np
@@ -243,3 +244,188 @@ def test_fp16_engine_segments_like_fp32_onnxruntime(demo_package, tmp_path, typi
                                     device="cuda", slice_spacing_mm=5.0)
     dice = _dice_per_label(reference, got)
     assert min(dice.values()) >= 0.99, dice
+
+
+# --- the builder's calls, against a recording stand-in for TensorRT's Python API ------------------------------
+# TensorRT cannot be installed here; this checks OUR side of the documented calls (flags per typing, the
+# profile, which layers are pinned, the timing cache round trip). The real builder runs in the gpu tests above.
+
+class _Enum:
+    def __init__(self, *names):
+        for value, name in enumerate(names):
+            setattr(self, name, f"{name}")
+
+
+class FakeTensorRT:
+    LayerType = _Enum("CONVOLUTION", "DECONVOLUTION", "ACTIVATION", "CONCATENATION", "REDUCE", "ELEMENTWISE", "UNARY",
+                      "NORMALIZATION", "SCALE", "CONSTANT", "SHAPE", "PLUGIN_V2")
+    BuilderFlag = _Enum("FP16", "OBEY_PRECISION_CONSTRAINTS")
+    MemoryPoolType = _Enum("WORKSPACE")
+    float32, float16, int64 = "float32", "float16", "int64"
+    __version__ = "10.13.3.9"
+
+    class NetworkDefinitionCreationFlag:
+        STRONGLY_TYPED = 1
+
+    def __init__(self, layers, *, parses=True):
+        self.layers, self.parses, self.calls = layers, parses, {}
+
+    def Logger(self, severity=None):  # noqa: N802 (TensorRT's names)
+        return "logger"
+
+    Logger.WARNING = 2
+
+    def Builder(self, logger):  # noqa: N802
+        fake = self
+
+        class Network:
+            num_layers = len(fake.layers)
+
+            def get_layer(self, index):
+                return fake.layers[index]
+
+        class Config:
+            flags, cache = [], None
+
+            def set_memory_pool_limit(self, pool, size):
+                fake.calls["workspace"] = size
+
+            def set_flag(self, flag):
+                fake.calls.setdefault("flags", []).append(flag)
+
+            def add_optimization_profile(self, profile):
+                fake.calls["profile"] = profile.shapes
+
+            def create_timing_cache(self, data):
+                fake.calls["timing_cache_in"] = bytes(data)
+                return bytearray(data or b"fresh")
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                self.cache = cache
+                return True
+
+            def get_timing_cache(self):
+                cache = self.cache
+
+                class Cache:
+                    def serialize(self):
+                        return bytes(cache) + b"+tuned"
+
+                return Cache()
+
+        class Profile:
+            def set_shape(self, name, low, opt, high):
+                self.shapes = (name, low, opt, high)
+
+        class Builder:
+            def create_network(self, flags):
+                fake.calls["network_flags"] = flags
+                return Network()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                return b"plan"
+
+        return Builder()
+
+    def OnnxParser(self, network, logger):  # noqa: N802
+        fake = self
+
+        class Parser:
+            num_errors = 0 if fake.parses else 1
+
+            def parse_from_file(self, path):
+                fake.calls["parsed"] = path
+                return fake.parses
+
+            def get_error(self, index):
+                return "Hardmax: no importer registered"
+
+        return Parser()
+
+
+class FakeLayer:
+    def __init__(self, type_, name="", out="float16"):
+        self.type, self.name, self.num_outputs, self.precision, self.outputs = type_, name, 1, None, []
+        self._out = out
+
+    def get_output(self, index):
+        return type("Tensor", (), {"dtype": self._out})()
+
+    def set_output_type(self, index, dtype):
+        self.outputs.append(dtype)
+
+
+def _layers():
+    return [FakeLayer("CONVOLUTION", "/encoder/conv/Conv"), FakeLayer("REDUCE", "/encoder/all_modules.1/ReduceMean"),
+            FakeLayer("ELEMENTWISE", "/encoder/all_modules.1/Sub"), FakeLayer("UNARY", "/encoder/all_modules.1/Sqrt"),
+            FakeLayer("ACTIVATION", "/encoder/nonlin/LeakyRelu"), FakeLayer("PLUGIN_V2", "/encoder/norm/InstanceNormalization"),
+            FakeLayer("CONSTANT", "/encoder/Constant"), FakeLayer("SHAPE", "/Shape", out="int64")]
+
+
+@pytest.mark.parametrize("typing", ["weak", "strong"])
+def test_builder_sets_typing_profile_pins_and_keeps_the_timing_cache(demo_package, tmp_path, monkeypatch, typing):
+    import model.tensorrt_runtime as trt_runtime
+
+    layers = _layers()
+    fake = FakeTensorRT(layers)
+    monkeypatch.setattr(trt_runtime, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(trt_runtime, "_LOGGER", [])
+    key = engine_key(demo_package, H100, typing=typing)
+    cache = tmp_path / "timing.cache"
+    messages = []
+    assert trt_runtime.build_serialized_engine(tmp_path / "m.onnx", key, timing_cache=cache, log=messages.append) == b"plan"
+    tile = demo_package.card.tile_size
+    assert fake.calls["profile"] == ("image", (1, 1, *tile), (16, 1, *tile), (32, 1, *tile))
+    assert cache.read_bytes() == b"fresh+tuned"
+    pinned = [layer.name for layer in layers if layer.precision == "float32"]
+    if typing == "weak":
+        assert fake.calls["network_flags"] == 0 and fake.calls["flags"] == ["FP16", "OBEY_PRECISION_CONSTRAINTS"]
+        assert pinned == ["/encoder/all_modules.1/ReduceMean", "/encoder/all_modules.1/Sub", "/encoder/all_modules.1/Sqrt",
+                          "/encoder/norm/InstanceNormalization"]
+        assert all(layer.outputs == ["float32"] for layer in layers if layer.precision)
+        assert "4 normalisation" in messages[0]
+    else:  # precision comes from the float16 graph: no flags, nothing pinned
+        assert fake.calls["network_flags"] == 1 << 1 and "flags" not in fake.calls and pinned == []
+    # a second build starts from the tuned cache
+    trt_runtime.build_serialized_engine(tmp_path / "m.onnx", key, timing_cache=cache, log=messages.append)
+    assert fake.calls["timing_cache_in"] == b"fresh+tuned"
+
+
+def test_parser_errors_are_reported_with_the_file(demo_package, tmp_path, monkeypatch):
+    import model.tensorrt_runtime as trt_runtime
+
+    monkeypatch.setattr(trt_runtime, "import_tensorrt", lambda: FakeTensorRT([], parses=False))
+    monkeypatch.setattr(trt_runtime, "_LOGGER", [])
+    with pytest.raises(RuntimeUnavailableError, match=r"m.onnx: TensorRT's ONNX parser refused the graph \(Hardmax: no importer"):
+        trt_runtime.build_serialized_engine(tmp_path / "m.onnx", engine_key(demo_package, H100), timing_cache=None)
+
+
+@pytest.mark.parametrize("typing", ["weak", "strong"])
+def test_first_use_builds_once_then_the_cache_answers(demo_package, tmp_path, monkeypatch, typing):
+    import model.tensorrt_runtime as trt_runtime
+
+    fake = FakeTensorRT(_layers())
+    monkeypatch.setattr(trt_runtime, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(trt_runtime, "_LOGGER", [])
+    key = engine_key(demo_package, H100, typing=typing)
+    messages = []
+    first = trt_runtime.ensure_engine(demo_package, key, cache_dir=tmp_path, log=messages.append)
+    assert first.read_bytes() == b"plan" and first.parent == tmp_path
+    assert any("building one" in m for m in messages)
+    parsed = Path(fake.calls["parsed"])
+    if typing == "weak":
+        assert parsed == demo_package.path_of("onnx")
+    else:  # the float16 export, made once into the cache and checked against TensorRT's operator table
+        assert parsed.parent == tmp_path and parsed.name.startswith("fp16-") and check_tensorrt_operators(parsed) == []
+    sidecar = json.loads(first.with_suffix(".json").read_text())
+    assert sidecar["built_from"] == str(parsed) and sidecar["model"] == demo_package.card.identity
+    messages.clear()
+    fake.calls.clear()
+    assert trt_runtime.ensure_engine(demo_package, key, cache_dir=tmp_path, log=messages.append) == first
+    assert messages == [] and fake.calls == {}
