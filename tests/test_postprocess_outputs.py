@@ -141,3 +141,22 @@ def test_staged_outputs_are_all_or_nothing(tmp_path):
             raise RuntimeError("boom")
     assert not (tmp_path / "three.txt").exists()
     assert not list(tmp_path.rglob(".partial-*"))
+
+
+def test_dicom_input_gets_a_seg_that_matches_the_written_mask(tmp_path, ts_example):
+    import highdicom as hd
+
+    from postprocess.dicom_seg import read_source_series
+
+    out = tmp_path / "out"
+    series = ts_example / "example_ct_dicom"
+    assert process.main(["--input", str(series), "--output", str(out), "--threads", "2"]) == 0
+    case = json.loads((out / "results.json").read_text())["cases"][0]
+    seg_entry = case["outputs"]["dicom_seg"]
+    assert seg_entry["type"] == "labelmap" and seg_entry["derived_source_uids"] == ["SeriesInstanceUID", "StudyInstanceUID"]
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / case["output"])))
+    source = read_source_series(series)
+    assert seg_entry["references_series"] == str(source.headers[0].SeriesInstanceUID)  # reproducible: re-derived here from the files
+    seg = hd.seg.segread(out / seg_entry["path"])
+    back = seg.get_pixels_by_source_instance(source_sop_instance_uids=[str(h.SOPInstanceUID) for h in source.headers], combine_segments=True)
+    assert np.array_equal(back, mask)  # the DICOM series' slice order is the mask's z order (both sorted along the normal)
