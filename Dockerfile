@@ -2,7 +2,8 @@
 #
 # Build it with ./build.sh [cpu|gpu], which first downloads the wheels into build/wheels/algorithm-<flavour>/
 # (with the requirements it installs, as requirements.txt and no-deps.txt): the build itself is hermetic,
-# `pip install --no-index` from that folder, and needs no network. Works with the classic builder and BuildKit.
+# `pip install --no-index` from that folder, and needs no network. The cpu flavour's requirements.txt is the
+# hash-pinned lock requirements/lock/algorithm-cpu.txt: pip installs it with --require-hashes. Works with the classic builder and BuildKit.
 #
 #   BASE_IMAGE  a Debian bookworm image with Python 3.11: python:3.11-slim-bookworm (default), or the
 #               debootstrap image of `./build.sh --local-base` (trunkseg-base:bookworm, /usr/bin/python3)
@@ -18,7 +19,8 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PIP_ROOT_U
 COPY build/wheels/algorithm-${FLAVOUR}/ /wheels/
 RUN set -eu; \
     python3 -m venv /opt/venv; \
-    /opt/venv/bin/pip install --quiet --no-index --find-links /wheels -r /wheels/requirements.txt; \
+    hashes=; if grep -q -- '--hash=sha256:' /wheels/requirements.txt; then hashes=--require-hashes; fi; \
+    /opt/venv/bin/pip install --quiet --no-index --find-links /wheels $hashes -r /wheels/requirements.txt; \
     if [ -s /wheels/no-deps.txt ]; then \
         /opt/venv/bin/pip install --quiet --no-index --find-links /wheels --no-deps -r /wheels/no-deps.txt; \
     fi; \

@@ -89,14 +89,22 @@ else
     base=${BASE_IMAGE:-python:3.11-slim-bookworm}
 fi
 
-# --- wheels: downloaded once on the host, for CPython 3.11 on glibc x86_64 (Debian bookworm's glibc 2.36)
+# --- wheels: downloaded once on the host, for CPython 3.11 on glibc x86_64 (Debian bookworm's glibc 2.36);
+# the same platform as docker/lock_requirements.py, which writes requirements/lock/<set>.txt (hash-pinned)
 platform_args=(--only-binary=:all: --python-version 3.11 --implementation cp --platform manylinux2014_x86_64 --platform any)
 for minor in $(seq 17 36); do platform_args+=(--platform "manylinux_2_${minor}_x86_64"); done
 
 # download_wheels SET REQUIREMENTS [NO_DEPS_REQUIREMENTS]: build/wheels/SET/ with the wheels and the
 # option-free requirement lists the Dockerfile installs (requirements.txt, no-deps.txt).
 download_wheels() {
-    local set=$1 requirements=$2 no_deps=${3:-} dir=build/wheels/$1 key
+    local set=$1 requirements=$2 no_deps=${3:-} dir=build/wheels/$1 key hashes=()
+    if [ -f "requirements/lock/$set.txt" ]; then  # hash-pinned: pip checks every wheel's SHA-256, here and in the image
+        "$python" docker/lock_requirements.py --check || die "the lock files are stale (above): run docker/lock_requirements.py"
+        requirements=requirements/lock/$set.txt
+        hashes=(--require-hashes)
+    else
+        say "no lock for $set: its wheels are pinned by version only (not by hash)"
+    fi
     key=$(cat "$requirements" ${no_deps:+"$no_deps"} | cat - <(printf '%s\n' "${platform_args[@]}") | sha256sum | cut -c1-16)
     if [ -f "$dir/.key" ] && [ "$(cat "$dir/.key")" = "$key" ]; then
         say "wheels for $set are up to date in $dir ($(du -sh "$dir" | cut -f1))"
@@ -105,7 +113,7 @@ download_wheels() {
     say "downloading the wheels for $set into $dir"
     rm -rf "$dir" && mkdir -p "$dir"
     local started=$SECONDS
-    "$python" -m pip download --quiet --disable-pip-version-check --dest "$dir" "${platform_args[@]}" -r "$requirements" \
+    "$python" -m pip download --quiet --disable-pip-version-check --dest "$dir" "${platform_args[@]}" "${hashes[@]}" -r "$requirements" \
         2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2) \
         || die "pip download failed for $requirements (is PyPI reachable?)"
     grep -hvE '^[[:space:]]*(-|#|$)' "$requirements" >"$dir/requirements.txt"

@@ -27,9 +27,17 @@ _ENHANCED_CT_CLASSES = {"1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.
 
 
 def _read_header(path: Path):
+    """The header of a DICOM file, or None for a file that is not DICOM.
+
+    pydicom's exceptions on hostile bytes are no closed set (InvalidDicomError, BytesLengthException,
+    struct, Unicode and value errors, ...; benchmarks/fuzz_inputs.py found several), so any failure to
+    parse means "not a DICOM file" here; a folder left with no CT says so by name.
+    """
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError, RecursionError, EOFError):
+    except InvalidDicomError:
+        return None
+    except Exception:  # see above: a file pydicom cannot parse is not a readable DICOM file
         return None
 
 
@@ -71,6 +79,27 @@ def _series_key(header) -> tuple:
     return ("geometry", orientation, spacing, int(header.Rows), int(header.Columns))
 
 
+def _classify(path: Path, header) -> str | None:
+    """"ct" for a usable CT slice, the modality of another object, None for what to skip (a DICOMDIR)."""
+    sop_class = str(header.get("SOPClassUID", "") or getattr(header.get("file_meta", None), "MediaStorageSOPClassUID", "") or "")
+    if sop_class == _DICOMDIR_CLASS or "DirectoryRecordSequence" in header:
+        return None
+    modality = str(header.get("Modality", "") or "")
+    if modality != "CT":
+        return modality or ("unknown" if "SOPClassUID" in header else None)
+    try:
+        frames = int(header.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        frames = 2
+    if frames > 1 or sop_class in _ENHANCED_CT_CLASSES:
+        raise InputError(f"{path}: multi-frame (enhanced) CT is not supported; export single-frame slices")
+    if "ImagePositionPatient" not in header or "ImageOrientationPatient" not in header:
+        raise InputError(f"{path}: CT slice without ImagePositionPatient/ImageOrientationPatient: cannot place it")
+    _check_slice_header(path, header)
+    _series_key(header)
+    return "ct"
+
+
 def list_ct_slices(folder: Path) -> list[tuple[Path, object]]:
     """Headers of the CT image slices of the one CT series in `folder` (searched recursively).
 
@@ -86,24 +115,16 @@ def list_ct_slices(folder: Path) -> list[tuple[Path, object]]:
         header = _read_header(path)
         if header is None:
             continue
-        sop_class = str(header.get("SOPClassUID", "") or getattr(header.get("file_meta", None), "MediaStorageSOPClassUID", "") or "")
-        if sop_class == _DICOMDIR_CLASS or "DirectoryRecordSequence" in header:
-            continue
-        modality = str(header.get("Modality", "") or "")
-        if modality != "CT":
-            if modality or "SOPClassUID" in header:
-                other_modalities.add(modality or "unknown")
-            continue
         try:
-            frames = int(header.get("NumberOfFrames", 1) or 1)
-        except (TypeError, ValueError):
-            frames = 2
-        if frames > 1 or sop_class in _ENHANCED_CT_CLASSES:
-            raise InputError(f"{path}: multi-frame (enhanced) CT is not supported; export single-frame slices")
-        if "ImagePositionPatient" not in header or "ImageOrientationPatient" not in header:
-            raise InputError(f"{path}: CT slice without ImagePositionPatient/ImageOrientationPatient: cannot place it")
-        _check_slice_header(path, header)
-        series[_series_key(header)].append((path, header))
+            kind = _classify(path, header)
+        except InputError:
+            raise
+        except Exception as error:  # pydicom converts elements lazily: a malformed value surfaces here
+            raise InputError(f"{path}: malformed DICOM header ({type(error).__name__}: {' '.join(str(error).split())[:160]})") from None
+        if kind == "ct":
+            series[_series_key(header)].append((path, header))
+        elif kind is not None:
+            other_modalities.add(kind)
     if not series:
         found = f" (found modality {', '.join(sorted(other_modalities))})" if other_modalities else ""
         raise InputError(f"{folder}: no CT image slices found{found}")
@@ -140,7 +161,12 @@ def sort_slices(slices: list[tuple[Path, object]], folder: Path) -> tuple[list[P
                 f"expected, after position {along[where]:.2f} mm): missing slices?"
             )
     else:
-        step = float(first.get("SliceThickness", 1.0) or 1.0)
+        try:
+            step = float(first.get("SliceThickness", 1.0) or 1.0)
+        except (TypeError, ValueError):
+            step = 1.0
+        if not np.isfinite(step) or step <= 0:
+            raise InputError(f"{slices[0][0]}: a single slice needs a positive SliceThickness, got {first.get('SliceThickness')!r}")
     pixel_spacing = [float(v) for v in first.PixelSpacing]  # (row spacing = y, column spacing = x)
     direction = np.column_stack([row_cosine, col_cosine, normal])
     geometry = Geometry(
