@@ -11,10 +11,13 @@ only synchronisation is that final copy.
 How each step matches the numpy reference:
 - normalisation: the same float32 operations in the same order (bit-exact);
 - cubic in-plane resampling: scipy's zoom (order 3, prefilter, mode nearest, grid_mode) is linear and
-  separable, so each slice becomes A_y @ X @ A_x^T with 1D matrices made once per geometry by zooming an
-  identity with that very scipy call. scipy evaluates in float64 and rounds to float32 once; the device
-  multiplies in float32 (about 1e-6 relative), so this is the one place where values differ: a voxel
-  changes label only where two logits are that close to a tie (tested: >= 99.9 % agreement);
+  separable, so each slice becomes A_y @ (X @ A_x^T) with the reference's own float32 1D matrices
+  (preprocess.resample.spline_matrix: an identity zoomed by that very scipy call), in the reference's
+  order. The one place where values can differ is the summation order inside the matrix products
+  (cuBLAS vs the host BLAS, about 1e-7 relative): a voxel changes label only where two logits are that
+  close to a tie (tested: >= 99.9 % agreement; on the CPU device the labels came out identical);
+- one tile per slice: the network's logits as they are (the Gaussian cancels), and no division by the
+  weight sum without resampling back, as the reference does;
 - tiles: gathered with one indexing kernel per batch; blending: index_add_ of the weighted tiles that
   share an offset (each slice once per offset, so no two threads add to one element: deterministic, and
   every element receives its tiles in the reference's order: bit-exact for the same tile logits);
@@ -30,16 +33,14 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from functools import lru_cache
 from typing import Callable
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from model.package import ModelCard
 from model.segment import SegmentStats, clip_bounds_per_slice, compute_steps, gaussian_importance, iter_chunks, padding_for
-from preprocess.resample import needs_resampling, target_shape_yx
+from preprocess.resample import needs_resampling, spline_matrix, target_shape_yx
 
 DeviceNetwork = Callable[[torch.Tensor], torch.Tensor]
 
@@ -49,19 +50,13 @@ DEFAULT_DEVICE_CHUNK_BYTES = 1024**3
 _UPLOADABLE = (np.float32, np.float64, np.int16, np.int32, np.uint8, np.int8)
 
 
-@lru_cache(maxsize=16)
 def cubic_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) float64 matrix of scipy's 1D cubic zoom (prefilter, mode nearest, grid_mode) from n_in to n_out samples.
+    """(n_out, n_in) float32 matrix of scipy's 1D cubic zoom (prefilter, mode nearest, grid_mode): the reference's own.
 
-    Column j is the zoom of the unit vector e_j, computed by the very call preprocess.resample makes,
-    so `matrix @ x` equals the zoom of any x along that axis.
+    Column j is the zoom of the unit vector e_j (preprocess.resample.spline_matrix), so `matrix @ x`
+    equals that zoom of any x along the axis; the numpy segmenter multiplies by the same matrices.
     """
-    eye = np.eye(n_in, dtype=np.float64)
-    matrix = ndimage.zoom(eye, (n_out / n_in, 1.0), order=3, mode="nearest", grid_mode=True, prefilter=True)
-    if matrix.shape != (n_out, n_in):
-        raise RuntimeError(f"cubic resampling matrix has shape {matrix.shape}, expected {(n_out, n_in)}")
-    matrix.setflags(write=False)
-    return matrix
+    return spline_matrix(n_in, n_out, 3)
 
 
 def linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -227,8 +222,8 @@ def segment_volume_device(
         chunk = max(1, (chunk * len(offsets) // batch_size) * batch_size // len(offsets))
 
     if resample:
-        a_y = torch.from_numpy(cubic_matrix(height, model_shape[0]).astype(np.float32)).to(device)
-        a_xt = torch.from_numpy(cubic_matrix(width, model_shape[1]).T.astype(np.float32)).to(device)
+        a_y = torch.from_numpy(np.array(cubic_matrix(height, model_shape[0]))).to(device)
+        a_xt = torch.from_numpy(np.ascontiguousarray(cubic_matrix(width, model_shape[1]).T)).to(device)
         ylo, yhi, wy = (torch.from_numpy(a).to(device) for a in linear_taps(model_shape[0], height))
         xlo, xhi, wx = (torch.from_numpy(a).to(device) for a in linear_taps(model_shape[1], width))
         wy = wy[:, None]
@@ -240,6 +235,11 @@ def segment_volume_device(
     tile_cols = torch.arange(tile[1], device=device)
     offsets_y = torch.tensor([y for y, _ in offsets], device=device)
     offsets_x = torch.tensor([x for _, x in offsets], device=device)
+
+    # as the reference: one tile covering the whole padded slice needs no Gaussian (it cancels), and
+    # without resampling back the argmax of the weighted sum needs no division (a positive weight per pixel)
+    single_tile = len(offsets) == 1 and padded == tile
+    divide = resample and not single_tile
 
     labels = np.empty(volume_zyx.shape, dtype=np.uint8)
     parts = list(iter_chunks(n_slices, chunk))
@@ -260,7 +260,7 @@ def segment_volume_device(
                     if resample:
                         if per_slice_bounds:
                             low, high = data.amin(dim=(1, 2), keepdim=True), data.amax(dim=(1, 2), keepdim=True)
-                        data = torch.matmul(torch.matmul(a_y, data), a_xt)
+                        data = torch.matmul(a_y, torch.matmul(data, a_xt))  # along x, then y: the reference's order
                         if per_slice_bounds:
                             data = torch.maximum(torch.minimum(data, high), low)
                         else:
@@ -269,7 +269,7 @@ def segment_volume_device(
                         data = torch.nn.functional.pad(data, (pads[1][0], pads[1][1], pads[0][0], pads[0][1]), value=0.0)
                     data = data.contiguous()
 
-                logits = torch.zeros((n, n_classes, *padded), dtype=torch.float32, device=device)
+                logits = (torch.empty if single_tile else torch.zeros)((n, n_classes, *padded), dtype=torch.float32, device=device)
                 n_jobs = n * len(offsets)
                 for first in range(0, n_jobs, batch_size):
                     jobs = torch.arange(first, min(n_jobs, first + batch_size), device=device)
@@ -284,6 +284,9 @@ def segment_volume_device(
                     with clock("blend"):
                         if out.shape != (len(jobs), n_classes, *tile):
                             raise RuntimeError(f"network returned {tuple(out.shape)}, expected {(len(jobs), n_classes, *tile)}")
+                        if single_tile:  # one tile per slice, jobs in slice order
+                            logits[first : first + len(jobs)] = out
+                            continue
                         weighted = out.to(torch.float32) * gauss
                         # the batch's tiles of one offset lie len(offsets) apart and come from distinct slices;
                         # offsets in ascending order, so every pixel sums its tiles in the reference's order
@@ -296,7 +299,8 @@ def segment_volume_device(
                             target.index_add_(0, slice_of[members], weighted[members])
 
                 with clock("resample_back_argmax"):
-                    logits.mul_(inverse_weight)
+                    if divide:
+                        logits.mul_(inverse_weight)
                     logits = logits[:, :, pads[0][0] : pads[0][0] + model_shape[0], pads[1][0] : pads[1][0] + model_shape[1]]
                     if resample:
                         logits = logits[..., xlo] * (1 - wx) + logits[..., xhi] * wx
