@@ -53,8 +53,8 @@ def order_levels(names) -> tuple[str, ...]:
 def majority_per_slice(values_syx: np.ndarray, n_values: int) -> np.ndarray:
     """Per slice (axis 0), the value in 1..n_values with most voxels on it; 0 where the slice has none."""
     n_slices = values_syx.shape[0]
-    flat = values_syx.reshape(n_slices, -1).astype(np.int64)
-    keys = (np.arange(n_slices)[:, None] * (n_values + 1) + flat).ravel()
+    where = np.nonzero(values_syx)  # vertebrae are a few per cent of a CT: count only them
+    keys = where[0].astype(np.int64) * (n_values + 1) + values_syx[where].astype(np.int64)
     counts = np.bincount(keys, minlength=n_slices * (n_values + 1)).reshape(n_slices, n_values + 1)[:, 1:]
     best = counts.argmax(axis=1) + 1
     return np.where(counts.max(axis=1) > 0, best, 0)
