@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from model.labels import LABELS, LEVELS, NUM_CLASSES  # noqa: E402
 from postprocess.dicom_seg import SourceSeries, build_segmentation, dicom_seg_bytes  # noqa: E402
-from postprocess.measures import measure_muscles, measure_slices, slice_table_csv, summarise_levels, summarise_muscles  # noqa: E402
+from postprocess.measures import measure_slices, slice_table_csv, summarise_levels, summarise_muscles  # noqa: E402
 from postprocess.qc import png_bytes, render_qc  # noqa: E402
 from preprocess.geometry import Geometry  # noqa: E402
 from preprocess.vertebrae import LEVEL_ORDER  # noqa: E402
@@ -69,6 +69,26 @@ def headers_for(geometry: Geometry) -> SourceSeries:
         h.BitsAllocated, h.BitsStored, h.HighBit, h.PixelRepresentation, h.SamplesPerPixel, h.PhotometricInterpretation = 16, 16, 15, 1, 1, "MONOCHROME2"
         headers.append(h)
     return SourceSeries(headers=headers, derived_uids=())
+
+
+def measure_muscles(labels_zyx: np.ndarray, hu_zyx: np.ndarray, geometry: Geometry) -> dict[str, dict]:
+    """The previous measures (baseline): per muscle voxel count, volume (cm3) and mean HU, one bincount over the volume."""
+    if labels_zyx.shape != hu_zyx.shape:
+        raise ValueError(f"label map {labels_zyx.shape} and CT {hu_zyx.shape} differ in shape")
+    n = len(LABELS) + 1
+    flat = labels_zyx.ravel()
+    counts = np.bincount(flat, minlength=n)[:n]
+    sums = np.bincount(flat, weights=hu_zyx.ravel().astype(np.float64), minlength=n)[:n]
+    voxel_cm3 = geometry.voxel_volume_mm3 / 1000.0
+    return {
+        name: {
+            "label": value,
+            "voxels": int(counts[value]),
+            "volume_cm3": round(float(counts[value] * voxel_cm3), 3),
+            "mean_hu": round(float(sums[value] / counts[value]), 2) if counts[value] else None,
+        }
+        for name, value in LABELS.items()
+    }
 
 
 def timed(repeat: int, function):
