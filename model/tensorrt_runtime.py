@@ -163,18 +163,26 @@ def engine_folders(package: ModelPackage, cache_dir: Path) -> list[Path]:
     return [package.folder / ENGINE_FOLDER, Path(cache_dir)]
 
 
-def find_engine(key: EngineKey, folders: list[Path]) -> Path | None:
-    """The first `<stem>.plan` whose sidecar `<stem>.json` records exactly `key`."""
+def find_engine(key: EngineKey, folders: list[Path], *, log: Log | None = None) -> Path | None:
+    """The first `<stem>.plan` whose sidecar `<stem>.json` records exactly `key` and the plan's SHA-256.
+
+    A plan that does not match its recorded checksum (truncated copy, disk error) is skipped, saying so.
+    """
     for folder in folders:
         plan = folder / f"{key.file_stem}.plan"
         sidecar = plan.with_suffix(".json")
         if plan.is_file() and sidecar.is_file():
             try:
-                recorded = json.loads(sidecar.read_text()).get("key")
+                recorded = json.loads(sidecar.read_text())
             except (OSError, json.JSONDecodeError):
                 continue
-            if recorded == key.to_json():
-                return plan
+            if recorded.get("key") != key.to_json():
+                continue
+            if recorded.get("plan_sha256") != sha256_of(plan):
+                if log is not None:
+                    log(f"tensorrt: {plan} does not match the checksum in {sidecar.name}: not used")
+                continue
+            return plan
     return None
 
 
@@ -184,7 +192,8 @@ def write_engine(key: EngineKey, plan_bytes: bytes, folder: Path, *, build_info:
     folder.mkdir(parents=True, exist_ok=True)
     plan = folder / f"{key.file_stem}.plan"
     sidecar = plan.with_suffix(".json")
-    for path, data in ((plan, plan_bytes), (sidecar, (json.dumps({"key": key.to_json(), **build_info}, indent=2) + "\n").encode())):
+    record = {"key": key.to_json(), "plan_sha256": hashlib.sha256(plan_bytes).hexdigest(), **build_info}
+    for path, data in ((plan, plan_bytes), (sidecar, (json.dumps(record, indent=2) + "\n").encode())):
         temp = path.with_name(f".partial-{os.getpid()}-{path.name}")
         try:
             temp.write_bytes(data)
@@ -380,7 +389,7 @@ def ensure_engine(package: ModelPackage, key: EngineKey, *, cache_dir: Path, out
                   rebuild: bool = False) -> Path:
     """The engine file for `key`: found in the package or the cache, else built now (written to `out_dir`, default the cache)."""
     if not rebuild:
-        found = find_engine(key, engine_folders(package, cache_dir) if out_dir is None else [Path(out_dir)])
+        found = find_engine(key, engine_folders(package, cache_dir) if out_dir is None else [Path(out_dir)], log=log)
         if found is not None:
             return found
     target = Path(out_dir) if out_dir is not None else Path(cache_dir)

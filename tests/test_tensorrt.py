@@ -90,6 +90,11 @@ def test_cached_engine_is_found_only_under_its_exact_key(demo_package, tmp_path)
     assert json.loads(plan.with_suffix(".json").read_text())["key"] == key.to_json()
     assert find_engine(engine_key(demo_package, T4), [tmp_path]) is None
     assert not list(tmp_path.glob(".partial-*"))
+    # a plan that no longer matches its recorded checksum (a truncated copy) is not used
+    plan.write_bytes(b"serialized eng")
+    messages = []
+    assert find_engine(key, [tmp_path], log=messages.append) is None and "does not match the checksum" in messages[0]
+    plan.write_bytes(b"serialized engine")
     # a sidecar that records another key (a digest collision, or a hand-copied file) is not trusted
     sidecar = plan.with_suffix(".json")
     data = json.loads(sidecar.read_text())
