@@ -2,7 +2,8 @@
 
 - Axial row(s): the mid-slice of each vertebral level T4..L4 when the levels are known, else six evenly
   spaced slices over the muscles' cranio-caudal extent; superior first; patient right on the image left
-  (radiological convention), anterior up. Each tile is cropped to the body and drawn at its physical aspect.
+  (radiological convention), anterior up. Each tile is cropped to the muscles plus 15 mm (a spill anywhere
+  widens it; no muscles: the body) and drawn at its physical aspect.
 - Coronal reformat through the muscles' centroid and sagittal reformat through the right erector spinae
   (the left one, else the muscles' centroid), superior up, with the axial positions marked.
 - Muscles: filled at 30 % opacity and outlined in the colour table of postprocess/colours.py; the legend
@@ -88,8 +89,10 @@ def render_qc(labels_zyx: np.ndarray, hu_zyx: np.ndarray, measures: SliceMeasure
     hu = frame.view(hu_zyx)
     sx, sy, sz = frame.spacing_mm
     n_slices = labels.shape[0]
-    body = (hu > -400).any(axis=0) | (labels > 0).any(axis=0)
-    y0, y1, x0, x1 = _bounding_box(body, margin=int(round(8 / sx)))
+    # crop to the muscles (they wrap the trunk; a spill anywhere widens the crop, as it should), else to the body
+    muscles_yx = (labels > 0).any(axis=0)
+    region = muscles_yx if muscles_yx.any() else (hu > -400).any(axis=0)
+    y0, y1, x0, x1 = _bounding_box(region, margin=int(round(15 / sx)))
 
     # axial tiles
     tile_h = int(round(TILE_WIDTH_PX * ((y1 - y0) * sy) / ((x1 - x0) * sx)))
@@ -125,18 +128,22 @@ def render_qc(labels_zyx: np.ndarray, hu_zyx: np.ndarray, measures: SliceMeasure
         if len(columns):
             x_plane, sagittal_label = int(np.round(columns.mean())), f"through {name.replace('_', ' ')}"
             break
-    height_mm = n_slices * sz
-    coronal_w = int(round(REFORMAT_HEIGHT_PX * ((x1 - x0) * sx) / height_mm))
-    sagittal_w = int(round(REFORMAT_HEIGHT_PX * ((y1 - y0) * sy) / height_mm))
-    coronal = _overlay(hu[::-1, y_plane, x0:x1], labels[::-1, y_plane, x0:x1], (max(coronal_w, 1), REFORMAT_HEIGHT_PX))
-    sagittal = _overlay(hu[::-1, y0:y1, x_plane], labels[::-1, y0:y1, x_plane], (max(sagittal_w, 1), REFORMAT_HEIGHT_PX))
+    # one scale for both, at their physical aspect, each within REFORMAT_HEIGHT_PX x REFORMAT_HEIGHT_PX
+    height_mm, coronal_mm, sagittal_mm = n_slices * sz, (x1 - x0) * sx, (y1 - y0) * sy
+    scale = REFORMAT_HEIGHT_PX / max(height_mm, coronal_mm, sagittal_mm)
+    reformat_h = max(int(round(height_mm * scale)), 1)
+    coronal = _overlay(hu[::-1, y_plane, x0:x1], labels[::-1, y_plane, x0:x1], (max(int(round(coronal_mm * scale)), 1), reformat_h))
+    sagittal = _overlay(hu[::-1, y0:y1, x_plane], labels[::-1, y0:y1, x_plane], (max(int(round(sagittal_mm * scale)), 1), reformat_h))
     for image, name in ((coronal, "coronal"), (sagittal, "sagittal")):
         draw = ImageDraw.Draw(image)
-        for k, level in positions:
-            row = int(round((n_slices - 1 - k + 0.5) * REFORMAT_HEIGHT_PX / n_slices))
+        last_label_row = -100
+        for k, level in positions:  # superior first: rows increase
+            row = int(round((n_slices - 1 - k + 0.5) * reformat_h / n_slices))
             draw.line([(0, row), (12, row)], fill=(255, 255, 255), width=2)
             draw.line([(image.width - 12, row), (image.width, row)], fill=(255, 255, 255), width=2)
-            draw.text((15, row - 8), level or str(int(frame.input_slice[k])), font=small, fill=_TEXT, stroke_width=2, stroke_fill=(0, 0, 0))
+            if row - last_label_row >= 15:  # no overlapping captions on a short scan
+                draw.text((15, row - 8), level or str(int(frame.input_slice[k])), font=small, fill=_TEXT, stroke_width=2, stroke_fill=(0, 0, 0))
+                last_label_row = row
         draw.text((image.width // 2, 4), name, font=caption_font, fill=_TEXT, stroke_width=2, stroke_fill=(0, 0, 0), anchor="mt")
         if name == "coronal":
             draw.text((6, image.height - 18), "R", font=small, fill=_TEXT)
@@ -180,7 +187,7 @@ def render_qc(labels_zyx: np.ndarray, hu_zyx: np.ndarray, measures: SliceMeasure
     bottom_w = coronal.width + sagittal.width + legend.width + 2 * _GAP
     header_h = 52
     width = max(axial_w, bottom_w) + 2 * _GAP
-    height = header_h + tile_rows * (tile_h + _GAP) + max(REFORMAT_HEIGHT_PX, legend.height) + 2 * _GAP
+    height = header_h + tile_rows * (tile_h + _GAP) + max(reformat_h, legend.height) + 2 * _GAP
     canvas = Image.new("RGB", (width, height), _BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     draw.text((_GAP, 6), title, font=_font(20), fill=_TEXT)
