@@ -70,7 +70,7 @@ def _bounding_box(mask_2d: np.ndarray, margin: int) -> tuple[int, int, int, int]
             max(int(xs.min()) - margin, 0), min(int(xs.max()) + 1 + margin, mask_2d.shape[1]))
 
 
-def _axial_positions(measures: SliceMeasures, labels_lps: np.ndarray) -> list[tuple[int, str]]:
+def axial_positions(measures: SliceMeasures, labels_lps: np.ndarray) -> list[tuple[int, str]]:
     """(LPS slice, caption) of each axial tile, superior first."""
     levels = level_slices(measures)
     if levels:
@@ -96,7 +96,7 @@ def render_qc(labels_zyx: np.ndarray, hu_zyx: np.ndarray, measures: SliceMeasure
 
     # axial tiles
     tile_h = int(round(TILE_WIDTH_PX * ((y1 - y0) * sy) / ((x1 - x0) * sx)))
-    positions = _axial_positions(measures, labels)
+    positions = axial_positions(measures, labels)
     small, caption_font = _font(13), _font(15)
     tiles = []
     for k, level in positions:

@@ -114,3 +114,21 @@ def test_a_label_map_off_the_series_grid_is_refused(series):
     source = read_source_series(series)
     with pytest.raises(ValueError, match="does not match the series"):
         build_segmentation(np.zeros((3, 512, 512), np.uint8), source, model_identity="m", software_version="1")
+
+
+@pytest.mark.parametrize("kind", ["labelmap", "binary"])
+def test_pydicom_alone_decodes_the_same_label_map(series, label_map, kind):
+    """An oracle independent of highdicom's reader: pydicom's pixel_array, frames placed by position and segment."""
+    source = read_source_series(series)
+    dataset = pydicom.dcmread(io.BytesIO(dicom_seg_bytes(build_segmentation(label_map, source, model_identity="m", software_version="1",
+                                                                            segmentation_type=kind))))
+    frames = dataset.pixel_array.reshape(int(dataset.NumberOfFrames), int(dataset.Rows), int(dataset.Columns))
+    slice_of = {tuple(round(float(v), 3) for v in h.ImagePositionPatient): k for k, h in enumerate(source.headers)}
+    decoded = np.zeros_like(label_map)
+    for frame, groups in zip(frames, dataset.PerFrameFunctionalGroupsSequence):
+        k = slice_of[tuple(round(float(v), 3) for v in groups.PlanePositionSequence[0].ImagePositionPatient)]
+        if kind == "labelmap":
+            decoded[k] = frame
+        else:
+            decoded[k][frame > 0] = int(groups.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+    assert np.array_equal(decoded, label_map)

@@ -8,7 +8,7 @@ import pytest
 from model.labels import LABELS
 from postprocess.colours import COLOURS, colour_lookup_table
 from postprocess.measures import level_slices, measure_slices
-from postprocess.qc import _axial_positions, render_qc
+from postprocess.qc import axial_positions, render_qc
 from preprocess.geometry import Geometry
 from preprocess.vertebrae import LEVEL_ORDER
 
@@ -50,10 +50,10 @@ def test_tiles_are_the_level_mid_slices_when_levels_are_known_else_evenly_spaced
     for k in range(26):
         vertebrae[k, 100:140, 110:146] = LEVEL_ORDER.index(["L2", "L1", "T12"][k * 3 // 26]) + 1
     measures = measure_slices(labels, hu, geometry, vertebrae_zyx=vertebrae)
-    positions = _axial_positions(measures, measures.frame.view(labels))
+    positions = axial_positions(measures, measures.frame.view(labels))
     assert [level for _, level in positions] == ["T12", "L1", "L2"]  # cranial first
     assert [k for k, _ in positions] == [mid for _, mid in level_slices(measures).values()]
-    even = _axial_positions(measure_slices(labels, hu, geometry), labels)
+    even = axial_positions(measure_slices(labels, hu, geometry), labels)
     slices = [k for k, _ in even]
     assert len(slices) == 6 and slices == sorted(slices, reverse=True) and 3 <= min(slices) and max(slices) <= 25
     assert all(caption == "" for _, caption in even)
