@@ -72,7 +72,7 @@ def argmax_channels(logits_ncyx: np.ndarray) -> np.ndarray:
     best = logits_ncyx.max(axis=1)
     index = np.zeros(best.shape, dtype=np.uint8)
     equal = np.empty(best.shape, dtype=bool)
-    for channel in range(logits_ncyx.shape[1] - 1, 0, -1):
+    for channel in range(logits_ncyx.shape[1] - 1, -1, -1):
         np.equal(logits_ncyx[:, channel], best, out=equal)
         np.copyto(index, channel, where=equal)
     return index

@@ -1,0 +1,196 @@
+"""CPU precision modes end to end: nnUNetPredictor and ours in fp32, bf16 and int8, same CT, same weights, one run.
+
+    .venv/bin/python benchmarks/bench_cpu_precision.py                    # paper-sized network, 512x512x300 CT
+    .venv/bin/python benchmarks/bench_cpu_precision.py --slices 60 --no-nnunet --models demo
+    .venv/bin/python benchmarks/bench_cpu_precision.py --help
+
+Models (`--models`, default both):
+- `paper`: the published scale, nnU-Net's default 2d plan for 512x512 CT: PlainConvUNet, 8 stages,
+  features 32-512, 46 M parameters, one 512x512 tile per slice at 0.7 mm (the CT's own spacing, so no
+  resampling), seeded random weights (speed: a random network's near-ties make its agreement a
+  stress test, not a property of a trained model).
+- `demo`: the bundled trained demo package (256x256 tiles at 1.5 mm; the CT is resampled), for the
+  agreement of each mode on trained weights.
+Each model also gets its int8 export (model/quantize.py, calibrated on phantom slices).
+
+Runs, each in its own child process (so each peak RSS is its own; os.wait4), on the same CT file:
+nnUNetPredictor (when nnunetv2 is installed; predict_from_files_sequential, no mirroring, step 0.5,
+as benchmarks/bench_nnunet.py), then process.py with --runtime/--precision for each of `--runs`.
+Prints one markdown table per model: process wall s, case s (read to written), network s (inside
+the runtime's calls), ms/slice, peak RSS, and voxel agreement / min per-label Dice against our ONNX
+Runtime fp32 labels, plus the load average before and after (the machine may be shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+#: runtime-precision runs of process.py; the first is the reference of the agreement columns
+DEFAULT_RUNS = ("onnxruntime-fp32", "openvino-fp32", "openvino-bf16", "openvino-int8", "onnxruntime-int8")
+PAPER_FEATURES = [32, 64, 128, 256, 512, 512, 512, 512]
+
+
+def run_child(args: list[str], env: dict) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (MiB) and stderr of one child process."""
+    started = time.perf_counter()
+    child = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    stderr = child.stderr.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"{' '.join(args[:4])} failed ({code}):\n{stderr[-3000:]}")
+    return time.perf_counter() - started, usage.ru_maxrss / 1024, stderr
+
+
+def paper_package(folder: Path, *, spacing_mm: float, seed: int = 0) -> Path:
+    """A package of nnU-Net's default 2d network for 512x512 CT (seeded random weights), with its ONNX export."""
+    import torch
+    from safetensors.torch import save_model
+
+    from model.export import export_onnx
+    from model.network import build_network, plain_unet_kwargs
+    from model.package import ModelCard, Normalization, write_model_card
+
+    folder.mkdir(parents=True, exist_ok=True)
+    arch = plain_unet_kwargs(features_per_stage=PAPER_FEATURES, strides=[1, 2, 2, 2, 2, 2, 2, 2])
+    torch.manual_seed(seed)
+    name = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+    network = build_network(network_class_name=name, arch_kwargs=arch, input_channels=1, num_classes=23).eval()
+    with torch.no_grad():  # nnU-Net's init leaves every InstanceNorm at identity: perturb so that classes differ
+        for parameter in network.parameters():
+            parameter += 0.1 * torch.randn_like(parameter)
+    save_model(network, str(folder / "weights.safetensors"))
+    export_onnx(network, folder / "model.onnx", input_channels=1, tile_size=(512, 512))
+    card = ModelCard(
+        name="bench-paper-size-random", version="0", description="nnU-Net default 2d plan for 512x512 CT, random weights (benchmark only)",
+        channel_labels=tuple(range(23)), frame="LPS", pixel_spacing_mm=(spacing_mm, spacing_mm), tile_size=(512, 512),
+        normalization=Normalization("CT", clip_low=-180.0, clip_high=250.0, mean=30.0, std=70.0),
+        network_class_name=name, arch_kwargs=arch,
+        files={"weights": {"path": "weights.safetensors"}, "onnx": {"path": "model.onnx"}},
+        provenance={"parameters": int(sum(p.numel() for p in network.parameters()))},
+    )
+    write_model_card(card, folder)
+    return folder
+
+
+def labels_of(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def load_average() -> str:
+    return " ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def bench_model(label: str, package: Path, ct: Path, work: Path, args, env: dict) -> None:
+    from model.package import load_model_package
+    from model.precision import agreement_of
+
+    card = load_model_package(package).card
+    n_slices = sitk.ReadImage(str(ct)).GetSize()[2]
+    rows, masks = [], {}
+    print(f"\n## {label}: {card.description}; tile {card.tile_size[0]}x{card.tile_size[1]} at {card.pixel_spacing_mm[0]} mm, "
+          f"{n_slices} slices; load average before: {load_average()}", flush=True)
+    if args.nnunet:
+        from benchmarks.bench_nnunet import results_from_package
+
+        results = results_from_package(package, work / f"nnunet-{label}")
+        out = work / f"nnunet-{label}" / "pred" / ct.name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        child = [sys.executable, "-c",
+                 "import sys, json; sys.path.insert(0, %r); from benchmarks.bench_nnunet import predict_child; from pathlib import Path; "
+                 "predict_child(Path(sys.argv[1]), ['0'], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]))" % str(REPO),
+                 str(results), str(ct), str(out), str(args.threads)]
+        wall, rss, err = run_child(child, env)
+        case_s = json.loads([line for line in err.splitlines() if line.startswith('{"predict_s"')][-1])["predict_s"]
+        masks["nnUNetPredictor"] = np.asarray(card.channel_labels, dtype=np.uint8)[labels_of(out)]
+        rows.append(("nnUNetPredictor (torch fp32, baseline)", wall, case_s, None, rss))
+        print(f"  nnUNetPredictor: {case_s:.1f} s", file=sys.stderr, flush=True)
+    for key in args.runs:
+        runtime, precision = key.rsplit("-", 1)
+        out = work / f"ours-{label}-{key}"
+        wall, rss, err = run_child([sys.executable, str(REPO / "process.py"), "--input", str(ct.parent), "--output", str(out),
+                                    "--model", str(package), "--runtime", runtime, "--precision", precision,
+                                    "--threads", str(args.threads), "--batch-size", str(args.batch_size)], env)
+        case = json.loads((out / "results.json").read_text())["cases"][0]
+        t = case["timings_s"]
+        case_s = sum(v for k, v in t.items() if "." not in k)
+        masks[key] = labels_of(out / case["output"])
+        rows.append((f"ours, {key}", wall, case_s, t["segment.network"], rss))
+        print(f"  {key}: {case_s:.1f} s (network {t['segment.network']:.1f} s)", file=sys.stderr, flush=True)
+
+    reference = masks[args.runs[0]]
+    print(f"\n| run | process wall s | case s | network s | ms/slice (case) | network ms/slice | peak RSS MiB | "
+          f"voxels = {args.runs[0]} | min Dice vs {args.runs[0]} |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for (name, wall, case_s, network_s, rss), mask in zip(rows, masks.values()):
+        agreement = agreement_of([reference], [mask])
+        print(f"| {name} | {wall:.1f} | {case_s:.1f} | {'' if network_s is None else f'{network_s:.1f}'} | {1000 * case_s / n_slices:.0f} | "
+              f"{'' if network_s is None else f'{1000 * network_s / n_slices:.0f}'} | {rss:.0f} | "
+              f"{100 * agreement['voxel_agreement']:.4f} % | {agreement['min_dice']:.4f} ({agreement['labels_compared']} labels) |")
+    print(f"\nload average after: {load_average()}", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--models", nargs="+", choices=("paper", "demo"), default=["paper", "demo"])
+    parser.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS), help=f"runtime-precision runs of process.py (default {' '.join(DEFAULT_RUNS)})")
+    parser.add_argument("--no-nnunet", dest="nnunet", action="store_false", help="leave out nnUNetPredictor")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--batch-size", type=int, default=1, help="process.py --batch-size (tiles per network call; 1 is fastest here)")
+    parser.add_argument("--calibration-ct", type=Path, nargs="*", default=[], help="real CT files for the int8 calibration")
+    parser.add_argument("--work", type=Path, default=None, help="working folder (default: a new temporary one)")
+    args = parser.parse_args()
+    if args.nnunet:
+        import importlib.util
+
+        if importlib.util.find_spec("nnunetv2") is None:
+            print("nnunetv2 is not installed: nnUNetPredictor left out", file=sys.stderr)
+            args.nnunet = False
+
+    import shutil
+
+    from model.quantize import quantize_package
+    from training.phantom import make_phantom
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="trunkseg-bench-precision-"))
+    work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(REPO), nnUNet_def_n_proc=str(args.threads), OMP_NUM_THREADS=str(args.threads))
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} threads, batch {args.batch_size}; "
+          f"work {work}", flush=True)
+    for label in args.models:
+        started = time.perf_counter()
+        if label == "paper":
+            spacing = 0.7
+            package = paper_package(work / "paper-package", spacing_mm=spacing)
+        else:
+            spacing = 0.8
+            package = work / "demo-package"
+            shutil.copytree(REPO / "model" / "packages" / "demo-phantom", package, dirs_exist_ok=True)
+        if any(run.endswith("-int8") for run in args.runs):
+            quantize_package(package, ct=args.calibration_ct)
+        phantom = make_phantom(2026, size_xy=(512, 512), spacing_mm=(spacing, spacing, 1.0), n_slices=args.slices)
+        ct = work / f"in-{label}" / "bench.nii.gz"
+        ct.parent.mkdir(exist_ok=True)
+        sitk.WriteImage(phantom.geometry.apply_to(sitk.GetImageFromArray(phantom.ct_zyx)), str(ct), useCompression=True)
+        print(f"{label}: package, int8 export and CT ready in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+        bench_model(label, package, ct, work, args, env)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
