@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from model.package import ModelPackage, load_model_package
+from model.precision import PRECISIONS, choose_precision
 from model.runtime import RUNTIMES, RuntimeChoice, choose_runtime, open_runtime
 from model.segment import SegmentStats, segment_volume
 from postprocess import __version__ as POSTPROCESS_VERSION
@@ -155,6 +156,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=Path("/output"), help="output folder (default /output)")
     parser.add_argument("--model", type=Path, default=None, help="model package folder (default: $TRUNKSEG_MODEL, /opt/ml/model, the bundled demo model)")
     parser.add_argument("--runtime", choices=RUNTIMES, default=os.environ.get("TRUNKSEG_RUNTIME", "auto"))
+    parser.add_argument("--precision", choices=PRECISIONS, default=os.environ.get("TRUNKSEG_PRECISION", "auto"),
+                        help="network precision (default auto: the runtime's fastest mode that the model card records as "
+                             "agreeing with fp32 on this model, else fp32; $TRUNKSEG_PRECISION)")
     parser.add_argument("--input-slug", default=None, help="image socket slug to read when several are present")
     parser.add_argument("--output-slug", default=OUTPUT_SLUG, help=f"output socket slug (default {OUTPUT_SLUG})")
     parser.add_argument("--vertebrae", type=Path, default=None,
@@ -187,11 +191,15 @@ def main(argv: list[str] | None = None) -> int:
                                qc_path=args.qc_path if cases.layout == "grand-challenge" else None)
         package = load_model_package(args.model or default_model())
         choice = choose_runtime(args.runtime)
-        log(f"model {package.card.identity} from {package.folder}; runtime {choice.name} ({choice.reason}); {len(cases.cases)} case(s), {cases.layout} layout")
+        precision = choose_precision(args.precision, runtime=choice.name, card=package.card)
+        log(f"model {package.card.identity} from {package.folder}; runtime {choice.name} ({choice.reason}); precision {precision.name} "
+            f"({precision.reason}); {len(cases.cases)} case(s), {cases.layout} layout")
         results = {"model": {"identity": package.card.identity, "folder": str(package.folder), "description": package.card.description},
-                   "runtime": {"name": choice.name, "reason": choice.reason}, "output_slug": args.output_slug, "cases": []}
+                   "runtime": {"name": choice.name, "reason": choice.reason, "precision": precision.name,
+                               "precision_reason": precision.reason, "precision_verified": precision.verified},
+                   "output_slug": args.output_slug, "cases": []}
         exit_code = 0
-        with open_runtime(choice, package, threads=args.threads) as runtime:
+        with open_runtime(choice, package, threads=args.threads, precision=precision.name) as runtime:
             for case in cases.cases:
                 try:
                     results["cases"].append(run_case(case, package=package, runtime=runtime, choice=choice, output_dir=args.output, slug=args.output_slug, batch_size=args.batch_size,
