@@ -56,6 +56,42 @@ def _reason(error: Exception, limit: int = 200) -> str:
     return (text.splitlines()[-1] if text else type(error).__name__)[:limit]
 
 
+_DETACHABLE_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
+
+
+def check_data_file_reference(path: Path) -> None:
+    """A MetaImage/NRRD header may name its voxel data file: it must be a regular file beside the header.
+
+    Refuses what would make the reader leave the input folder (an absolute path, `..`, a symlink out),
+    read a device or a FIFO (a hang), or follow a list or a file-name pattern.
+    """
+    with open(path, "rb") as stream:
+        head = stream.read(1 << 16)
+    metaimage = path.name.lower().endswith((".mha", ".mhd"))
+    for raw in head.split(b"\n"):
+        line = raw.decode("latin-1").strip()
+        if not metaimage and not line:
+            return  # the end of an NRRD header
+        key, separator, value = line.partition("=" if metaimage else ":")
+        key, value = key.strip().lower(), value.strip()
+        if not separator or key not in (("elementdatafile",) if metaimage else ("data file", "datafile")):
+            continue
+        if metaimage and value.upper() == "LOCAL":
+            return
+        if value.upper().startswith("LIST") or "%" in value or (not metaimage and " " in value):
+            raise InputError(f"{path}: the header names its data as a list or pattern ({value[:80]!r}): not supported")
+        data = path.parent / value
+        try:
+            resolved, folder = data.resolve(), path.parent.resolve()
+        except (OSError, ValueError, RuntimeError) as error:
+            raise InputError(f"{path}: cannot resolve its data file {value[:80]!r} ({error})") from None
+        if Path(value).is_absolute() or folder not in resolved.parents:
+            raise InputError(f"{path}: its data file {value[:80]!r} lies outside the header's folder: refused")
+        if not resolved.is_file():
+            raise InputError(f"{path}: its data file {value[:80]!r} is missing or not a regular file")
+        return
+
+
 def read_image_header(path: Path) -> sitk.ImageFileReader:
     """A reader that has read only the header of `path` (size, pixel type, geometry): no voxel is decoded."""
     path = Path(path)
@@ -65,6 +101,8 @@ def read_image_header(path: Path) -> sitk.ImageFileReader:
         raise InputError(f"{path}: not a regular file")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: file is empty")
+    if path.name.lower().endswith(_DETACHABLE_SUFFIXES):
+        check_data_file_reference(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:

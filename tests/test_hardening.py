@@ -71,6 +71,14 @@ FILES = {
     "too-small-in-plane": (lambda d: corpus.write_image(corpus.small_ct(shape_zyx=(4, 5, 48)), d / "ct.mha"), BAD_INPUT, r"too small"),
     "zero-spacing": (lambda d: (d / "ct.mha").write_bytes(corpus.mha_header((48, 40, 4), data=corpus.small_ct().tobytes()).replace(b"ElementSpacing = 0.8", b"ElementSpacing = 0")),
                      BAD_INPUT, r"ct\.mha: (invalid voxel spacing|cannot be read)"),
+    "mhd-data-file-outside": (lambda d: (corpus.write_image(corpus.small_ct(), d.parent / "outside" / "ct.mhd", compress=False),
+                                          (d / "ct.mhd").write_text((d.parent / "outside" / "ct.mhd").read_text().replace("ElementDataFile = ct.raw", "ElementDataFile = ../outside/ct.raw"))),
+                              BAD_INPUT, r"ct\.mhd: its data file '\.\./outside/ct\.raw' lies outside"),
+    "mhd-data-file-absolute": (lambda d: (d / "ct.mhd").write_bytes(corpus.mha_header((8, 8, 1)).replace(b"LOCAL", b"/etc/passwd")), BAD_INPUT, r"ct\.mhd: its data file '/etc/passwd' lies outside"),
+    "mhd-data-file-a-fifo": (lambda d: (os.mkfifo(d / "ct.raw"), (d / "ct.mhd").write_bytes(corpus.mha_header((8, 8, 1)).replace(b"LOCAL", b"ct.raw"))),
+                             BAD_INPUT, r"ct\.mhd: its data file 'ct\.raw' is missing or not a regular file"),
+    "nhdr-data-file-list": (lambda d: (d / "ct.nhdr").write_text("NRRD0004\ntype: short\ndimension: 3\nsizes: 8 8 2\nencoding: raw\ndata file: LIST\na.raw\nb.raw\n"),
+                            BAD_INPUT, r"ct\.nhdr: the header names its data as a list"),
 }
 
 DICOM = {
@@ -159,13 +167,15 @@ def _one_mask(output_dir: Path) -> tuple[np.ndarray, sitk.Image]:
     [
         lambda d: corpus.write_image(corpus.small_ct(shape_zyx=(1, 40, 48)), d / "ct.mha"),
         lambda d: corpus.write_image(corpus.small_ct()[None], d / "ct.nii"),  # 3D stored as 4D with a last axis of one
+        lambda d: corpus.write_image(corpus.small_ct(), d / "ct.mhd", compress=False),
+        lambda d: corpus.write_image(corpus.small_ct(), d / "ct.nhdr", compress=False),
         lambda d: corpus.dicom_series(d / "oblique", edit=lambda i, ds: (setattr(ds, "ImageOrientationPatient", [1.0, 0.0, 0.0, 0.0, 0.9848, -0.1736]),
                                                                        setattr(ds, "ImagePositionPatient", [0.0, 8.0 * i * 0.1736, 8.0 * i * 0.9848]))),
         lambda d: corpus.dicomdir_fileset(d / "fileset"),
         lambda d: (corpus.dicom_series(d / "mixed"), corpus._non_image_dicom(d / "mixed" / "seg.dcm", "SEG", "1.2.840.10008.5.1.4.1.1.66.4"),
                    (d / "mixed" / "notes.txt").write_text("not DICOM")),
     ],
-    ids=["1-slice-volume", "4d-with-one-volume", "dicom-oblique-10-degrees", "dicomdir-file-set", "dicom-series-beside-a-seg-and-junk"],
+    ids=["1-slice-volume", "4d-with-one-volume", "detached-mhd", "detached-nhdr", "dicom-oblique-10-degrees", "dicomdir-file-set", "dicom-series-beside-a-seg-and-junk"],
 )
 def test_unusual_but_valid_input_is_segmented_on_its_own_grid(tmp_path, capsys, make):
     (tmp_path / "in").mkdir()
