@@ -102,9 +102,11 @@ class CaseTimer:
 
     def _on_hard_timeout(self) -> None:
         message = f"{self.message()}; it did not stop within {self.grace_s:g} s more (stuck in native code), exiting"
-        if self.on_hard_timeout is not None:
-            self.on_hard_timeout(message)
-        os._exit(TimeBudgetError.exit_code)
+        try:
+            if self.on_hard_timeout is not None:
+                self.on_hard_timeout(message)
+        finally:  # whatever the report did (a full disk), the process must not hang on
+            os._exit(TimeBudgetError.exit_code)
 
     def __enter__(self) -> "CaseTimer":
         if not self.seconds or self.seconds <= 0:
