@@ -434,3 +434,27 @@ def test_first_use_builds_once_then_the_cache_answers(demo_package, tmp_path, mo
     fake.calls.clear()
     assert trt_runtime.ensure_engine(demo_package, key, cache_dir=tmp_path, log=messages.append) == first
     assert messages == [] and fake.calls == {}
+
+
+@pytest.mark.parametrize("architecture", ["plain", "residual-encoder", "fold-ensemble"])
+def test_fp16_export_of_every_supported_architecture_parses_in_tensorrt(architecture, tmp_path):
+    from model.export_fp16 import export_onnx_fp16
+    from model.network import ENSEMBLE_CLASS, build_network, plain_unet_kwargs
+
+    plain = plain_unet_kwargs(features_per_stage=[8, 16, 32], strides=[1, 2, 2])
+    residual = {k: v for k, v in plain.items() if k != "n_conv_per_stage"} | {"n_blocks_per_stage": [1, 1, 1]}
+    unet = "dynamic_network_architectures.architectures.unet."
+    name, kwargs = {
+        "plain": (unet + "PlainConvUNet", plain),
+        "residual-encoder": (unet + "ResidualEncoderUNet", residual),
+        "fold-ensemble": (ENSEMBLE_CLASS, {"n_folds": 2, "network_class_name": unet + "PlainConvUNet", "arch_kwargs": plain}),
+    }[architecture]
+    network = build_network(network_class_name=name, arch_kwargs=kwargs, input_channels=1, num_classes=4)
+    torch.manual_seed(0)
+    with torch.no_grad():  # trained-like affine norms (fresh ones/zeros trip the TorchScript exporter's constant dedup)
+        for module in network.modules():
+            if isinstance(module, torch.nn.InstanceNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.1, 0.1)
+    path = export_onnx_fp16(network, tmp_path / "fp16.onnx", input_channels=1, tile_size=(32, 32))
+    assert check_tensorrt_operators(path) == []
