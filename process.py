@@ -5,8 +5,10 @@
 
 Writes <output>/images/<output-slug>/<case>.mha (uint8 labels on the input grid, labels in
 model/labels.json) and <output>/results.json. Exit codes: 0 all cases done, 2 usage, 3 bad input,
-4 bad model package, 5 output not writable, 6 runtime unavailable, 1 unexpected. A failed case
-leaves no output of its own and one line on stderr; the other cases still run.
+4 bad model package, 5 output not writable or full, 6 runtime unavailable, 7 a case exceeded the
+memory budget (refused from its header) or the time budget (stopped), 1 unexpected. A failed case
+leaves no output of its own and one line on stderr; the other cases still run (after an output
+error the run stops: the output cannot take more).
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from model.package import ModelPackage, load_model_package
@@ -26,10 +30,11 @@ from postprocess import __version__ as POSTPROCESS_VERSION
 from postprocess.dicom_seg import SEGMENTATION_TYPES
 from postprocess.outputs import StagedOutputs
 from postprocess.report import ReportOptions, load_vertebrae, write_case_report
-from preprocess.errors import InputError, OutputError, TrunkSegError
+from preprocess.errors import InputError, LimitError, OutputError, TrunkSegError
 from preprocess.geometry import Reorientation
 from preprocess.inputs import Case, find_cases
 from preprocess.io import case_id, is_image_file, read_ct, write_label_map
+from preprocess.limits import DEFAULT_CASE_TIME_LIMIT_S, CaseTimer, MemoryBudget, detect_memory_limit
 from preprocess.vertebrae import SCHEMES
 
 REPO = Path(__file__).resolve().parent
@@ -65,10 +70,10 @@ def progress_bar(total: int, label: str):
 
 
 def run_case(case: Case, *, package: ModelPackage, runtime, choice: RuntimeChoice, output_dir: Path, slug: str, batch_size: int,
-             report: ReportOptions = ReportOptions(), vertebrae: Path | None = None) -> dict:
+             memory_budget: MemoryBudget | None = None, report: ReportOptions = ReportOptions(), vertebrae: Path | None = None) -> dict:
     timings = {}
     started = time.perf_counter()
-    volume, geometry = read_ct(case.source)
+    volume, geometry = read_ct(case.source, check_size=memory_budget.check if memory_budget else None)
     vertebrae = case.vertebrae or vertebrae
     vertebrae_zyx = load_vertebrae(vertebrae, geometry, report)
     timings["read"] = time.perf_counter() - started
@@ -134,6 +139,47 @@ def write_json_atomically(data: dict, path: Path) -> None:
     except OSError as error:
         temp.unlink(missing_ok=True)
         raise OutputError(f"{path}: cannot write ({error.strerror})") from None
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def check_output_writable(output_dir: Path) -> None:
+    """Fail before any work when the output folder cannot be created or written."""
+    probe = output_dir / f".probe-{os.getpid()}"
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise OutputError(f"{output_dir}: output folder is not writable ({error.strerror})") from None
+
+
+def list_files(root: Path) -> set[Path]:
+    return {Path(folder) / name for folder, dirs, files in os.walk(root) for name in files + dirs}
+
+
+def remove_new_files(root: Path, before: set[Path]) -> None:
+    """Remove what a failed case left under `root` (files first, then its emptied folders)."""
+    for path in sorted(list_files(root) - before, key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir() and not path.is_symlink():
+            if not any(path.iterdir()):
+                path.rmdir()
+        else:
+            path.unlink(missing_ok=True)
+
+
+def describe_failure(error: BaseException, case: Case) -> tuple[str, int]:
+    """One line and an exit code for a case that failed."""
+    if isinstance(error, TrunkSegError):
+        return str(error), error.exit_code
+    if isinstance(error, MemoryError):
+        return (f"{case.source}: ran out of memory (lower --memory-limit-gb to refuse such volumes up front, "
+                f"or give the job more memory)"), LimitError.exit_code
+    if os.environ.get("TRUNKSEG_DEBUG"):
+        traceback.print_exc()
+    reason = " ".join(str(error).split())[:300]
+    return f"{case.source}: unexpected {type(error).__name__}: {reason} (set TRUNKSEG_DEBUG=1 for the traceback)", 1
 
 
 def vertebrae_maps(path: Path | None, cases) -> dict[str, Path]:
@@ -173,22 +219,50 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "or binary (read by every SEG viewer; about 0.7 MB per slice for 22 muscles)")
     parser.add_argument("--batch-size", type=int, default=4, help="tiles per network call")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads for the runtime")
+    parser.add_argument("--memory-limit-gb", type=float, default=_env_float("TRUNKSEG_MEMORY_LIMIT_GB"),
+                        help="refuse, from its header, a case whose estimated peak memory exceeds this (GiB; default: the "
+                             "container's memory limit, else physical memory; $TRUNKSEG_MEMORY_LIMIT_GB)")
+    parser.add_argument("--time-limit-s", type=float, default=_env_float("TRUNKSEG_TIME_LIMIT_S", DEFAULT_CASE_TIME_LIMIT_S),
+                        help=f"stop a case after this many seconds, 0 for none (default {DEFAULT_CASE_TIME_LIMIT_S}: Grand Challenge's "
+                             f"default job limit of 3600 s less 5 min; $TRUNKSEG_TIME_LIMIT_S)")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.threads < 1:
         parser.error("--batch-size and --threads must be >= 1")
+    if (args.memory_limit_gb is not None and not args.memory_limit_gb > 0) or not args.time_limit_s >= 0:
+        parser.error("--memory-limit-gb must be > 0 and --time-limit-s >= 0")
     qc = Path(args.qc_path)
     if qc.suffix != ".png" or qc.is_absolute() or ".." in qc.parts or qc.parts[0] == "images":
         parser.error("--qc-path must be a relative .png path outside images/ (a Thumbnail PNG socket's relative_path)")
     return args
 
 
+def _env_float(name: str, default: float | None = None) -> float | None:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return float(text)
+    except ValueError:
+        raise SystemExit(f"error: ${name}={text!r} is not a number") from None
+
+
+def memory_budget(limit_gb: float | None) -> MemoryBudget:
+    if limit_gb is not None:
+        return MemoryBudget(int(limit_gb * 2**30), "--memory-limit-gb")
+    return MemoryBudget(*detect_memory_limit())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # A file-size limit (RLIMIT_FSIZE) then fails the write (EFBIG), reported, instead of killing the process.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         cases = find_cases(args.input, slug=args.input_slug, vertebrae_slug=args.vertebrae_slug)
         vertebrae = vertebrae_maps(args.vertebrae, cases.cases)
         report = ReportOptions(vertebra_scheme=args.vertebra_labels, nifti=args.nifti, dicom_seg_type=args.dicom_seg_type,
                                qc_path=args.qc_path if cases.layout == "grand-challenge" else None)
+        check_output_writable(args.output)
+        budget = memory_budget(args.memory_limit_gb)
         package = load_model_package(args.model or default_model())
         choice = choose_runtime(args.runtime)
         precision = choose_precision(args.precision, runtime=choice.name, card=package.card)
@@ -201,18 +275,43 @@ def main(argv: list[str] | None = None) -> int:
         exit_code = 0
         with open_runtime(choice, package, threads=args.threads, precision=precision.name) as runtime:
             for case in cases.cases:
+                before = list_files(args.output)
+
+                def on_hard_timeout(message: str, case: Case = case, before: set[Path] = before) -> None:
+                    log(f"error: {message}")
+                    remove_new_files(args.output, before)
+                    results["cases"].append({"case_id": case.case_id, "status": "failed", "input": str(case.source), "error": message})
+                    write_json_atomically(results, args.output / "results.json")
+
                 try:
-                    results["cases"].append(run_case(case, package=package, runtime=runtime, choice=choice, output_dir=args.output, slug=args.output_slug, batch_size=args.batch_size,
-                                                     report=report, vertebrae=vertebrae.get(case.case_id)))
-                except TrunkSegError as error:
-                    log(f"error: {error}")
-                    results["cases"].append({"case_id": case.case_id, "status": "failed", "input": str(case.source), "error": str(error)})
-                    exit_code = exit_code or error.exit_code
-        write_json_atomically(results, args.output / "results.json")
+                    with CaseTimer(args.time_limit_s, case=str(case.source), on_hard_timeout=on_hard_timeout):
+                        entry = run_case(case, package=package, runtime=runtime, choice=choice, output_dir=args.output,
+                                         slug=args.output_slug, batch_size=args.batch_size, memory_budget=budget,
+                                         report=report, vertebrae=vertebrae.get(case.case_id))
+                    results["cases"].append(entry)  # only once the timer is disarmed: a late alarm discards the case whole
+                except Exception as error:  # one case's failure, whatever it is, must not stop the others
+                    remove_new_files(args.output, before)
+                    message, code = describe_failure(error, case)
+                    log(f"error: {message}")
+                    results["cases"].append({"case_id": case.case_id, "status": "failed", "input": str(case.source), "error": message})
+                    exit_code = exit_code or code
+                    if isinstance(error, OutputError):
+                        break  # the output takes no more: every later case would fail the same way
+        try:
+            write_json_atomically(results, args.output / "results.json")
+        except OutputError as error:
+            if exit_code != OutputError.exit_code:  # else the case's own line already said so
+                log(f"error: {error}")
+            return error.exit_code
         return exit_code
     except TrunkSegError as error:
         log(f"error: {error}")
         return error.exit_code
+    except Exception as error:
+        if os.environ.get("TRUNKSEG_DEBUG"):
+            traceback.print_exc()
+        log(f"error: unexpected {type(error).__name__}: {' '.join(str(error).split())[:300]} (set TRUNKSEG_DEBUG=1 for the traceback)")
+        return 1
 
 
 if __name__ == "__main__":

@@ -35,7 +35,10 @@ class CaseList:
 
 
 def _inside(root: Path, path: Path, what: str) -> Path:
-    resolved = path.resolve()
+    try:
+        resolved = path.resolve()
+    except (OSError, ValueError, RuntimeError) as error:  # a NUL byte, a symlink loop
+        raise InputError(f"{what}: cannot resolve {str(path)!r} ({error})") from None
     if resolved != root.resolve() and root.resolve() not in resolved.parents:
         raise InputError(f"{what}: {path} points outside the input folder {root}")
     return resolved
@@ -63,6 +66,8 @@ def _read_inputs_json(path: Path) -> list:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InputError(f"{path}: not valid JSON ({error})") from None
+    except RecursionError:
+        raise InputError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(data, list):
         raise InputError(f"{path}: expected a list of socket values, got {type(data).__name__}")
     return data
