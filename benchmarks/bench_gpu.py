@@ -95,14 +95,15 @@ def main() -> int:
           f"{os.cpu_count()} CPUs, {args.threads} threads; GPU: {status.description}; TensorRT: {tensorrt_version() or 'not installed'}",
           file=sys.stderr)
 
-    header = "| runtime | process wall s | case s | segment s | ms/slice | voxel agreement vs ort-cpu | min Dice vs ort-cpu |"
+    header = ("| runtime | process wall s | case s | segment s | of which network s | normalise+resample / blend / back+argmax s "
+              "| ms/slice | voxel agreement vs ort-cpu | min Dice vs ort-cpu |")
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     masks: dict[str, np.ndarray] = {}
     for row in args.rows:
         row_args, needs_gpu, needs_tensorrt = ROWS[row]
         reason = skip_reason(needs_gpu, needs_tensorrt)
         if reason is not None:
-            lines.append(f"| {row} | skipped: {reason} | | | | | |")
+            lines.append(f"| {row} | skipped: {reason} | | | | | | | |")
             continue
         common = ["--threads", str(args.threads), *row_args]
         if needs_tensorrt:
@@ -120,7 +121,9 @@ def main() -> int:
         else:
             agreement = dice = "(reference)" if row == "ort-cpu" else "n/a"
         name = f"{row} ({result['runtime']['name']})"
-        lines.append(f"| {name} | {wall:.1f} | {case_s:.2f} | {timings['segment']:.2f} | {1000 * timings['segment'] / shape[0]:.0f} | {agreement} | {dice} |")
+        stages = " / ".join(f"{timings.get(f'segment.{k}', float('nan')):.2f}" for k in ("normalize_resample", "blend", "resample_back_argmax"))
+        lines.append(f"| {name} | {wall:.1f} | {case_s:.2f} | {timings['segment']:.2f} | {timings.get('segment.network', float('nan')):.2f} | {stages} "
+                     f"| {1000 * timings['segment'] / shape[0]:.0f} | {agreement} | {dice} |")
     print("\n".join(lines))
     print(f"load average during the run: {' '.join(f'{v:.1f}' for v in os.getloadavg())}", file=sys.stderr)
     return 0
