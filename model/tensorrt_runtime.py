@@ -445,10 +445,17 @@ class TensorRTRunner:
         key = engine_key(self.package, gpu, precision=self.precision, typing=self.typing, batch_range=self.batch_range)
         self.key = key
         cache_dir = self.cache_dir or default_cache_dir()
-        path = ensure_engine(self.package, key, cache_dir=cache_dir, log=self.log)
+        messages: list[str] = []
+        path = ensure_engine(self.package, key, cache_dir=cache_dir, log=lambda m: (messages.append(m), self.log(m)))
+        self._built_now = any("building one" in m for m in messages)
         self.engine_path = path
         self._runtime = trt.Runtime(_logger())
         self.engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None and not self._built_now:
+            # a cached engine this TensorRT/driver no longer loads: build afresh once, into the cache
+            self.log(f"tensorrt: {path} does not deserialise here; rebuilding it")
+            path = self.engine_path = ensure_engine(self.package, key, cache_dir=cache_dir, log=self.log, rebuild=True)
+            self.engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
             raise RuntimeUnavailableError(f"{path}: TensorRT cannot deserialise this engine (built by another version or for another GPU?)")
         self._check_io(trt)
@@ -456,7 +463,8 @@ class TensorRTRunner:
         if self.context is None:
             raise RuntimeUnavailableError(f"{path}: TensorRT could not create an execution context (out of GPU memory?)")
         self.name = f"tensorrt-{self.precision}"
-        self.reason_detail = f"engine {path.name} ({gpu.name}, TensorRT {gpu.tensorrt_version}, {key.typing} typing)"
+        self.log(f"tensorrt: engine {path} ({gpu.name}, TensorRT {gpu.tensorrt_version}, {key.precision}, {key.typing} typing, "
+                 f"batch {self.batch_limits[0]}-{self.batch_limits[1]})")
         return self
 
     def _check_io(self, trt) -> None:
