@@ -265,3 +265,19 @@ def test_real_ct_levels_from_totalsegmentator_vertebrae(ts_example):
         assert -20 < es["mean_hu"] < 80 and 0 <= es["fat_fraction"] < 0.3
     assert levels["L3"]["slices"][0] <= levels["L3"]["mid_slice"] <= levels["L3"]["slices"][1]
     assert LEVELS.index("L3") > LEVELS.index("T12")
+
+
+def test_real_las_vertebra_map_is_matched_to_the_lps_dicom_in_physical_space(ts_example):
+    """example_seg_dicom.nii.gz is stored LAS, the DICOM LPS: the match must flip y, never pair arrays by index."""
+    _, geometry = read_ct(ts_example / "example_ct_dicom")
+    image = sitk.ReadImage(str(ts_example / "example_seg_dicom.nii.gz"))
+    assert np.allclose(image.GetDirection(), (1, 0, 0, 0, -1, 0, 0, 0, 1)) and geometry.orientation_code() == "LPS"
+    levels_zyx = read_vertebrae(ts_example / "example_seg_dicom.nii.gz", geometry, scheme="totalsegmentator")
+    # oracle: the same grid up to the y flip, so the map is the array flipped along y, through the scheme's table
+    raw = sitk.GetArrayFromImage(image)[:, ::-1, :]
+    lookup = np.zeros(256, np.uint8)
+    for value, name in SCHEMES["totalsegmentator"].items():
+        lookup[value] = LEVEL_ORDER.index(name) + 1
+    assert np.array_equal(levels_zyx, lookup[raw])
+    per_slice_level = [LEVEL_ORDER[v - 1] for v in majority_per_slice(levels_zyx, len(LEVEL_ORDER))]
+    assert set(per_slice_level) == {"T11", "T12"} and per_slice_level[0] == "T12" and per_slice_level[-1] == "T11"  # T12 inferior
