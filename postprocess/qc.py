@@ -116,17 +116,19 @@ def render_qc(labels_zyx: np.ndarray, hu_zyx: np.ndarray, measures: SliceMeasure
         tiles.append(tile)
 
     # reformats: superior up
-    muscle_voxels = np.nonzero(labels)
-    if len(muscle_voxels[0]):
-        y_plane = int(np.round(muscle_voxels[1].mean()))
-        x_plane = int(np.round(muscle_voxels[2].mean()))
+    # planes from the measures' centroid sums (no pass over the volume)
+    total = measures.voxels[:, 1:].sum()
+    if total:
+        y_plane = int(np.round(measures.y_sum_mm[:, 1:].sum() / total / sy))
+        x_plane = int(np.round(measures.x_sum_mm[:, 1:].sum() / total / sx))
     else:
         y_plane, x_plane = labels.shape[1] // 2, labels.shape[2] // 2
     sagittal_label = "through the muscles' centroid"
     for name in ("erector_spinae_right", "erector_spinae_left"):
-        columns = np.nonzero(labels == LABELS[name])[2]
-        if len(columns):
-            x_plane, sagittal_label = int(np.round(columns.mean())), f"through {name.replace('_', ' ')}"
+        count = measures.voxels[:, LABELS[name]].sum()
+        if count:
+            x_plane = int(np.round(measures.x_sum_mm[:, LABELS[name]].sum() / count / sx))
+            sagittal_label = f"through {name.replace('_', ' ')}"
             break
     # one scale for both, at their physical aspect, each within REFORMAT_HEIGHT_PX x REFORMAT_HEIGHT_PX
     height_mm, coronal_mm, sagittal_mm = n_slices * sz, (x1 - x0) * sx, (y1 - y0) * sy
