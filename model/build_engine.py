@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.check_only:
             return check_graphs(package, precision=args.precision, log=log)
         if not tensorrt_installed():
-            raise RuntimeUnavailableError("tensorrt is not installed (pip install tensorrt-cu13 from NVIDIA's index, see docker/requirements-gpu.txt)")
+            raise RuntimeUnavailableError("tensorrt is not installed (tensorrt-cu13-libs and -bindings from NVIDIA's index: see docker/requirements-gpu.txt)")
         import torch
 
         if not torch.cuda.is_available():
