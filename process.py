@@ -219,6 +219,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dicom-seg-type", choices=SEGMENTATION_TYPES, default="labelmap",
                         help="DICOM-SEG for DICOM input: labelmap (default: one JPEG-LS frame per slice, small; newer viewers) "
                              "or binary (read by every SEG viewer; about 0.7 MB per slice for 22 muscles)")
+    parser.add_argument("--no-dicom-seg", action="store_true", help="no DICOM-SEG for DICOM input (when its headers do not allow one)")
     parser.add_argument("--batch-size", type=int, default=4, help="tiles per network call")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads for the runtime")
     parser.add_argument("--memory-limit-gb", type=float, default=_env_float("TRUNKSEG_MEMORY_LIMIT_GB"),
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cases = find_cases(args.input, slug=args.input_slug, vertebrae_slug=args.vertebrae_slug)
         vertebrae = vertebrae_maps(args.vertebrae, cases.cases)
-        report = ReportOptions(vertebra_scheme=args.vertebra_labels, nifti=args.nifti, dicom_seg_type=args.dicom_seg_type,
+        report = ReportOptions(vertebra_scheme=args.vertebra_labels, nifti=args.nifti, dicom_seg=not args.no_dicom_seg, dicom_seg_type=args.dicom_seg_type,
                                qc_path=args.qc_path if cases.layout == "grand-challenge" else None)
         check_output_writable(args.output)
         budget = memory_budget(args.memory_limit_gb)

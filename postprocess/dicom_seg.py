@@ -105,6 +105,7 @@ def segment_descriptions(*, model_identity: str, software_version: str) -> list[
 class SourceSeries:
     headers: list  # pydicom datasets (no pixels), sorted along the slice normal like the CT volume, UIDs completed
     derived_uids: tuple[str, ...]  # attribute names whose values were derived (see the module docstring)
+    folder: Path | None = None  # where the series was read from (for messages)
 
 
 def read_source_series(folder: Path) -> SourceSeries:
@@ -142,7 +143,7 @@ def read_source_series(folder: Path) -> SourceSeries:
         for header in headers:
             setattr(header, attribute, uid)
         derived.add(attribute)
-    return SourceSeries(headers=headers, derived_uids=tuple(sorted(derived)))
+    return SourceSeries(headers=headers, derived_uids=tuple(sorted(derived)), folder=folder)
 
 
 def build_segmentation(labels_zyx: np.ndarray, source: SourceSeries, *, model_identity: str, software_version: str,
@@ -158,6 +159,17 @@ def build_segmentation(labels_zyx: np.ndarray, source: SourceSeries, *, model_id
     if source.derived_uids:
         description += "; derived UIDs: " + ",".join(a.replace("InstanceUID", "").replace("UID", "") for a in source.derived_uids)
     labelmap = segmentation_type == "labelmap"
+    try:
+        return _segmentation(labels_zyx, headers, labelmap=labelmap, description=description, model_identity=model_identity,
+                             software_version=software_version)
+    except (ValueError, TypeError, AttributeError, KeyError) as error:  # highdicom's checks of the source headers
+        where = source.folder or "the DICOM series"
+        raise InputError(f"{where}: its headers do not allow a DICOM-SEG that references it ({' '.join(str(error).split())[:200]}); "
+                         f"--no-dicom-seg skips it") from None
+
+
+def _segmentation(labels_zyx: np.ndarray, headers: list, *, labelmap: bool, description: str, model_identity: str,
+                  software_version: str) -> hd.seg.Segmentation:
     return hd.seg.Segmentation(
         source_images=headers,
         pixel_array=np.ascontiguousarray(labels_zyx, dtype=np.uint8),

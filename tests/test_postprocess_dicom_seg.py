@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 
 import highdicom as hd
@@ -132,3 +133,14 @@ def test_pydicom_alone_decodes_the_same_label_map(series, label_map, kind):
         else:
             decoded[k][frame > 0] = int(groups.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
     assert np.array_equal(decoded, label_map)
+
+
+def test_headers_highdicom_refuses_give_one_input_error_naming_the_series(series, label_map):
+    from preprocess.errors import InputError
+
+    source = read_source_series(series)
+    broken = [copy.deepcopy(h) for h in source.headers]
+    del broken[0].ImageOrientationPatient
+    with pytest.raises(InputError, match="--no-dicom-seg"):
+        build_segmentation(label_map, type(source)(headers=broken, derived_uids=source.derived_uids, folder=series), model_identity="m",
+                           software_version="1")
