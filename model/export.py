@@ -76,9 +76,33 @@ def export_onnx(network: torch.nn.Module, path: Path, *, input_channels: int, ti
             do_constant_folding=True,
             dynamo=False,
         )
-    onnx.checker.check_model(onnx.load(str(path)))
+    model = onnx.load(str(path))
+    if inline_shared_initializers(model.graph):
+        onnx.save(model, str(path))
+    onnx.checker.check_model(model)
     check_onnx_matches(network, path, input_channels=input_channels, tile_size=tile_size)
     return path
+
+
+def inline_shared_initializers(graph) -> int:
+    """Replace each Identity of an initializer by its own copy of that initializer; returns how many.
+
+    The TorchScript exporter deduplicates equal initializers (e.g. every InstanceNorm weight still at
+    its initial 1.0) into Identity nodes, placed after their first consumer; ONNX Runtime's graph
+    optimiser then refuses the file ("... is not a graph input, initializer, or output of a previous
+    node"). A copy per use costs a few kB.
+    """
+    import onnx
+
+    initializers = {i.name: i for i in graph.initializer}
+    shared = [n for n in graph.node if n.op_type == "Identity" and n.input[0] in initializers]
+    for node in shared:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(initializers[node.input[0]])
+        copy.name = node.output[0]
+        graph.initializer.append(copy)
+        graph.node.remove(node)
+    return len(shared)
 
 
 def check_onnx_matches(network: torch.nn.Module, path: Path, *, input_channels: int, tile_size: tuple[int, int]) -> float:
