@@ -32,7 +32,7 @@ from postprocess import __version__ as POSTPROCESS_VERSION
 from postprocess.dicom_seg import SEGMENTATION_TYPES
 from postprocess.outputs import StagedOutputs
 from postprocess.report import ReportOptions, load_vertebrae, write_case_report
-from preprocess.errors import InputError, LimitError, OutputError, TrunkSegError
+from preprocess.errors import InputError, LimitError, OutputError, TerminatedError, TrunkSegError
 from preprocess.geometry import Reorientation
 from preprocess.inputs import Case, find_cases
 from preprocess.io import case_id, is_image_file, read_ct, write_label_map
@@ -255,10 +255,16 @@ def memory_budget(limit_gb: float | None) -> MemoryBudget:
     return MemoryBudget(*detect_memory_limit())
 
 
+def stop_on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise TerminatedError("stopped by SIGTERM: the case in progress was discarded")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # A file-size limit (RLIMIT_FSIZE) then fails the write (EFBIG), reported, instead of killing the process.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)  # the platform's stop: discard the case in progress, report, exit 143
     try:
         cases = find_cases(args.input, slug=args.input_slug, vertebrae_slug=args.vertebrae_slug)
         vertebrae = vertebrae_maps(args.vertebrae, cases.cases)
@@ -298,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"error: {message}")
                     results["cases"].append({"case_id": case.case_id, "status": "failed", "input": str(case.source), "error": message})
                     exit_code = exit_code or code
-                    if isinstance(error, OutputError):
-                        break  # the output takes no more: every later case would fail the same way
+                    if isinstance(error, (OutputError, TerminatedError)):
+                        break  # the output takes no more (every later case would fail the same way), or we were told to stop
         try:
             write_json_atomically(results, args.output / "results.json")
         except OutputError as error:

@@ -4,7 +4,7 @@ process.py turns each into one line on stderr and the exit code documented here 
 
     0 every case done          3 bad input (InputError)        6 runtime unavailable
     1 unexpected failure       4 bad model package             7 a case exceeded the memory or time budget
-    2 usage (argparse)         5 output not writable / disk full
+    2 usage (argparse)         5 output not writable / disk full    143 stopped by SIGTERM
 
 With several cases the run goes on after a failed case and exits with the first failure's code.
 """
@@ -54,3 +54,9 @@ class MemoryBudgetError(LimitError):
 
 class TimeBudgetError(LimitError):
     """The case ran past its time budget and was stopped; it wrote nothing."""
+
+
+class TerminatedError(TrunkSegError):
+    """The run was asked to stop (SIGTERM, as a platform does at its time limit): the case in progress is discarded."""
+
+    exit_code = 143  # 128 + SIGTERM, what a shell reports for a process that SIGTERM ended

@@ -401,3 +401,39 @@ def test_unexpected_exception_in_a_case_is_one_line_code_1_and_the_run_goes_on(t
     code, errors, err = run_cli(tmp_path / "in", tmp_path / "out", capsys)
     assert code == 1 and len(errors) == 1 and "a.mha: unexpected ZeroDivisionError: a bug spanning lines" in errors[0], err
     assert [p.name for p in (tmp_path / "out" / "images" / SLUG).iterdir()] == ["b.mha"]
+
+
+HANGS_UNTIL_TERMINATED = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {repo!r})
+    import process
+    real = process.read_ct
+
+    def slow(source, **kwargs):
+        if source.name == "a.mha":
+            print("reading", file=sys.stderr, flush=True)
+            time.sleep(120)
+        return real(source, **kwargs)
+
+    process.read_ct = slow
+    raise SystemExit(process.main(sys.argv[1:]))
+""")
+
+
+def test_sigterm_discards_the_case_in_progress_reports_it_and_exits_143(tmp_path):
+    """What a platform does at its time limit (SIGTERM, then SIGKILL later): the run stops cleanly."""
+    corpus.write_image(corpus.small_ct(1), tmp_path / "in" / "a.mha")
+    corpus.write_image(corpus.small_ct(2), tmp_path / "in" / "b.mha")
+    child = subprocess.Popen([sys.executable, "-c", HANGS_UNTIL_TERMINATED.format(repo=str(REPO)), "--input", str(tmp_path / "in"),
+                              "--output", str(tmp_path / "out"), "--threads", "1"], stderr=subprocess.PIPE, text=True)
+    for line in child.stderr:  # wait until the case is under way
+        if line.startswith("reading"):
+            break
+    child.terminate()
+    err = child.stderr.read()
+    assert child.wait(timeout=60) == 143, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: stopped by SIGTERM: the case in progress was discarded"], err
+    cases = json.loads((tmp_path / "out" / "results.json").read_text())["cases"]
+    assert [(c["case_id"], c["status"]) for c in cases] == [("a", "failed")]  # b was not started
+    assert_nothing_partial(tmp_path / "out")
