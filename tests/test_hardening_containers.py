@@ -105,3 +105,29 @@ def test_the_image_user_cannot_change_the_code_or_the_bundled_model(docker_clien
     out = docker_client.containers.run(algorithm_image.id, entrypoint=["python", "-c", probe], network_mode="none", remove=True,
                                        cap_drop=["ALL"]).decode().split("\n")[0]
     assert out == "[] 1001 1001", out
+
+
+def test_docker_stop_ends_the_run_cleanly_with_143(docker_client, algorithm_image, tmp_path):  # noqa: F811
+    """`docker stop` (SIGTERM, as a platform stops a job at its time limit): one line, exit 143, no mask."""
+    import time
+
+    _gc_input(tmp_path / "input", lambda s: corpus.write_image(corpus.small_ct(6, (60, 200, 240)), s / "3f1c.mha"))
+    _readable(tmp_path / "input")
+    output = tmp_path / "output"
+    output.mkdir()
+    output.chmod(0o777)
+    container = docker_client.containers.run(
+        algorithm_image.id, detach=True, network_mode="none", read_only=True, cap_drop=["ALL"], security_opt=["no-new-privileges"],
+        volumes={str(tmp_path / "input"): {"bind": "/input", "mode": "ro"}, str(output): {"bind": "/output", "mode": "rw"}},
+        tmpfs={"/tmp": "rw,size=256m"},
+    )
+    try:
+        time.sleep(3)
+        container.stop(timeout=60)
+        code = container.wait(timeout=RUN_TIMEOUT_S)["StatusCode"]
+        log = container.logs().decode(errors="replace")
+    finally:
+        container.remove(force=True)
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert code == 143 and errors == ["error: stopped by SIGTERM: the case in progress was discarded"], log
+    assert not list(output.rglob("*.mha"))
