@@ -27,7 +27,8 @@ from pathlib import Path
 from model.package import ModelPackage, load_model_package
 from model.precision import PRECISIONS, choose_precision
 from model.runtime import RUNTIMES, RuntimeChoice, choose_runtime, open_runtime
-from model.segment import SegmentStats, segment_volume
+from model.runtime_gpu import GPU_RUNTIMES, choose_gpu_precision, segmenter_for, start_runtime
+from model.segment import SegmentStats
 from postprocess import __version__ as POSTPROCESS_VERSION
 from postprocess.dicom_seg import SEGMENTATION_TYPES
 from postprocess.outputs import StagedOutputs
@@ -88,8 +89,9 @@ def run_case(case: Case, *, package: ModelPackage, runtime, choice: RuntimeChoic
     stats = SegmentStats()
     bar = progress_bar(model_frame.shape[0], case.case_id)
     started = time.perf_counter()
-    labels = segment_volume(
-        model_frame, pixel_spacing_mm=reorientation.spacing_mm[:2], card=package.card, network=runtime,
+    segment, network, batch_size = segmenter_for(runtime, batch_size)  # a GPU runtime: the whole pipeline on its device
+    labels = segment(
+        model_frame, pixel_spacing_mm=reorientation.spacing_mm[:2], card=package.card, network=network,
         batch_size=batch_size, progress=bar.update if bar else None, stats=stats, slice_spacing_mm=reorientation.spacing_mm[2],
     )
     if bar:
@@ -220,7 +222,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="DICOM-SEG for DICOM input: labelmap (default: one JPEG-LS frame per slice, small; newer viewers) "
                              "or binary (read by every SEG viewer; about 0.7 MB per slice for 22 muscles)")
     parser.add_argument("--no-dicom-seg", action="store_true", help="no DICOM-SEG for DICOM input (when its headers do not allow one)")
-    parser.add_argument("--batch-size", type=int, default=4, help="tiles per network call")
+    parser.add_argument("--batch-size", type=int, default=None, help="tiles per network call (default 4 on the CPU, 16 on a GPU)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads for the runtime")
     parser.add_argument("--memory-limit-gb", type=float, default=_env_float("TRUNKSEG_MEMORY_LIMIT_GB"),
                         help="refuse, from its header, a case whose estimated peak memory exceeds this (GiB; default: the "
@@ -229,7 +231,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"stop a case after this many seconds, 0 for none (default {DEFAULT_CASE_TIME_LIMIT_S}: Grand Challenge's "
                              f"default job limit of 3600 s less 5 min; $TRUNKSEG_TIME_LIMIT_S)")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.threads < 1:
+    if (args.batch_size is not None and args.batch_size < 1) or args.threads < 1:
         parser.error("--batch-size and --threads must be >= 1")
     if (args.memory_limit_gb is not None and not args.memory_limit_gb > 0) or not args.time_limit_s >= 0:
         parser.error("--memory-limit-gb must be > 0 and --time-limit-s >= 0")
@@ -260,6 +262,13 @@ def stop_on_sigterm(signum, frame):
     raise TerminatedError("stopped by SIGTERM: the case in progress was discarded")
 
 
+def precision_for(requested: str, runtime: str, card):
+    """GPU runtimes: fp16 unless fp32 is asked for (model/runtime_gpu.py); CPU runtimes: model/precision.py's choice."""
+    if runtime in GPU_RUNTIMES:
+        return choose_gpu_precision(requested, runtime=runtime)
+    return choose_precision(requested, runtime=runtime, card=card)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # A file-size limit (RLIMIT_FSIZE) then fails the write (EFBIG), reported, instead of killing the process.
@@ -274,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         budget = memory_budget(args.memory_limit_gb)
         package = load_model_package(args.model or default_model())
         choice = choose_runtime(args.runtime)
-        precision = choose_precision(args.precision, runtime=choice.name, card=package.card)
+        precision = precision_for(args.precision, choice.name, package.card)
         log(f"model {package.card.identity} from {package.folder}; runtime {choice.name} ({choice.reason}); precision {precision.name} "
             f"({precision.reason}); {len(cases.cases)} case(s), {cases.layout} layout")
         results = {"model": {"identity": package.card.identity, "folder": str(package.folder), "description": package.card.description},
@@ -282,7 +291,12 @@ def main(argv: list[str] | None = None) -> int:
                                "precision_reason": precision.reason, "precision_verified": precision.verified},
                    "output_slug": args.output_slug, "cases": []}
         exit_code = 0
-        with open_runtime(choice, package, threads=args.threads, precision=precision.name) as runtime:
+        with start_runtime(choice, package, open_runtime=lambda c, p: open_runtime(c, package, threads=args.threads, precision=p),
+                           choose_precision=lambda name: precision_for(args.precision, name, package.card), log=log) as started:
+            runtime, choice, precision = started.runtime, started.choice, started.precision
+            if started.failures:  # results.json records what runs, and what failed before it
+                results["runtime"].update(name=choice.name, reason=choice.reason, precision=precision.name, precision_reason=precision.reason,
+                                          precision_verified=precision.verified, failed_to_start=list(started.failures))
             for case in cases.cases:
                 before = list_files(args.output)
 
