@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import struct
 import tempfile
 import zlib
 from pathlib import Path
@@ -32,11 +33,12 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and name.endswith(IMAGE_SUFFIXES)
 
 
-def verify_gzip(path: Path, *, max_bytes: int | None = None) -> None:
+def verify_gzip(path: Path, *, max_bytes: int | None = None) -> int:
     """Decompress a gzip file end to end (streaming) so a truncated or corrupt one fails loudly.
 
     SimpleITK reads a truncated .nii.gz without an error and returns garbage voxels. With `max_bytes`
     (what the header says the file holds, plus slack) a gzip bomb is refused once it inflates past it.
+    Returns the number of bytes it inflates to.
     """
     total = 0
     try:
@@ -49,6 +51,44 @@ def verify_gzip(path: Path, *, max_bytes: int | None = None) -> None:
                     )
     except (OSError, EOFError, zlib.error) as error:
         raise InputError(f"{path}: corrupt or truncated gzip data ({error})") from None
+    return total
+
+
+def _nifti_extent(head: bytes) -> tuple[int, int] | None:
+    """(vox_offset, bytes of voxel data) that a single-file NIfTI-1/-2 header declares, from its first 544 bytes."""
+    for order in "<>":
+        if len(head) >= 348 and struct.unpack(f"{order}i", head[:4])[0] == 348:
+            dims = struct.unpack(f"{order}8h", head[40:56])
+            bitpix = struct.unpack(f"{order}h", head[72:74])[0]
+            raw_offset = struct.unpack(f"{order}f", head[108:112])[0]
+            if not np.isfinite(raw_offset) or not 0 <= raw_offset < 2**40:
+                return None  # left to SimpleITK, which then refuses or reads from its own idea of the offset
+            offset = max(352, int(raw_offset))
+        elif len(head) >= 540 and struct.unpack(f"{order}i", head[:4])[0] == 540:
+            bitpix = struct.unpack(f"{order}h", head[14:16])[0]
+            dims = struct.unpack(f"{order}8q", head[16:80])
+            offset = max(544, min(struct.unpack(f"{order}q", head[168:176])[0], 2**40))
+        else:
+            continue
+        if not 1 <= dims[0] <= 7 or bitpix <= 0:
+            return None
+        voxels = 1
+        for n in dims[1 : dims[0] + 1]:
+            voxels *= max(1, int(n))
+        return offset, voxels * bitpix // 8
+    return None
+
+
+def _check_nifti_complete(path: Path, *, inflated_bytes: int | None) -> None:
+    """SimpleITK reads a short NIfTI (a truncated .nii, or a .nii.gz made from one) without an error: check the length."""
+    opener = gzip.open if inflated_bytes is not None else open
+    with opener(path, "rb") as stream:
+        extent = _nifti_extent(stream.read(544))
+    if extent is None:
+        return  # not a header we know: SimpleITK's own checks apply
+    length = inflated_bytes if inflated_bytes is not None else path.stat().st_size
+    if length < sum(extent):
+        raise InputError(f"{path}: truncated NIfTI: {length} bytes where its header needs {sum(extent)}")
 
 
 def _reason(error: Exception, limit: int = 200) -> str:
@@ -87,7 +127,11 @@ def check_data_file_reference(path: Path) -> None:
             raise InputError(f"{path}: cannot resolve its data file {value[:80]!r} ({error})") from None
         if Path(value).is_absolute() or folder not in resolved.parents:
             raise InputError(f"{path}: its data file {value[:80]!r} lies outside the header's folder: refused")
-        if not resolved.is_file():
+        try:
+            regular = resolved.is_file()
+        except (OSError, ValueError):  # a name too long for the file system, say
+            regular = False
+        if not regular:
             raise InputError(f"{path}: its data file {value[:80]!r} is missing or not a regular file")
         return
 
@@ -132,9 +176,12 @@ def read_image(path: Path) -> sitk.Image:
 
 
 def _read_pixels(reader: sitk.ImageFileReader, path: Path) -> sitk.Image:
+    inflated = None
     if path.name.lower().endswith(".gz"):
         declared = _voxel_count(reader.GetSize()) * _stored_bytes_per_voxel(reader)
-        verify_gzip(path, max_bytes=declared + 64 * 2**20)  # slack for headers and extensions
+        inflated = verify_gzip(path, max_bytes=declared + 64 * 2**20)  # slack for headers and extensions
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_complete(path, inflated_bytes=inflated)
     try:
         return reader.Execute()
     except (RuntimeError, MemoryError) as error:

@@ -7,6 +7,7 @@ runs a handful more (tests/test_hardening_containers.py). Exit codes: preprocess
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -50,6 +51,10 @@ FILES = {
     "empty-file": (lambda d: (d / "ct.mha").write_bytes(b""), BAD_INPUT, r"ct\.mha: file is empty"),
     "truncated-mha": (lambda d: corpus.truncate(corpus.write_image(corpus.small_ct(), d / "ct.mha")), BAD_INPUT, r"ct\.mha"),
     "truncated-nii-gz": (lambda d: corpus.truncate(corpus.write_image(corpus.small_ct(), d / "ct.nii.gz")), BAD_INPUT, r"ct\.nii\.gz: corrupt or truncated"),
+    "truncated-nii": (lambda d: corpus.truncate(corpus.write_image(corpus.small_ct(), d / "ct.nii", compress=False), 0.9), BAD_INPUT, r"ct\.nii: truncated NIfTI"),
+    "nii-gz-of-a-truncated-nii": (lambda d: (corpus.truncate(corpus.write_image(corpus.small_ct(), d / "x.nii", compress=False), 0.9),
+                                             (d / "ct.nii.gz").write_bytes(gzip.compress((d / "x.nii").read_bytes())), (d / "x.nii").unlink()),
+                                  BAD_INPUT, r"ct\.nii\.gz: truncated NIfTI"),
     "truncated-nrrd": (lambda d: corpus.truncate(corpus.write_image(corpus.small_ct(), d / "ct.nrrd")), BAD_INPUT, r"ct\.nrrd"),
     "truncated-raw-nrrd": (lambda d: corpus.truncate(corpus.write_image(corpus.small_ct(), d / "ct.nrrd", compress=False)), BAD_INPUT, r"ct\.nrrd"),
     "nifti-named-mha": (lambda d: (corpus.write_image(corpus.small_ct(), d / "x.nii"), (d / "x.nii").rename(d / "ct.mha")), BAD_INPUT, r"ct\.mha: cannot be read"),
@@ -77,6 +82,8 @@ FILES = {
     "mhd-data-file-absolute": (lambda d: (d / "ct.mhd").write_bytes(corpus.mha_header((8, 8, 1)).replace(b"LOCAL", b"/etc/passwd")), BAD_INPUT, r"ct\.mhd: its data file '/etc/passwd' lies outside"),
     "mhd-data-file-a-fifo": (lambda d: (os.mkfifo(d / "ct.raw"), (d / "ct.mhd").write_bytes(corpus.mha_header((8, 8, 1)).replace(b"LOCAL", b"ct.raw"))),
                              BAD_INPUT, r"ct\.mhd: its data file 'ct\.raw' is missing or not a regular file"),
+    "mhd-data-file-name-too-long": (lambda d: (d / "ct.mhd").write_bytes(corpus.mha_header((8, 8, 1)).replace(b"LOCAL", b"x" * 300)),  # found by fuzzing
+                                    BAD_INPUT, r"ct\.mhd: its data file 'x+' is missing or not a regular file"),
     "nhdr-data-file-list": (lambda d: (d / "ct.nhdr").write_text("NRRD0004\ntype: short\ndimension: 3\nsizes: 8 8 2\nencoding: raw\ndata file: LIST\na.raw\nb.raw\n"),
                             BAD_INPUT, r"ct\.nhdr: the header names its data as a list"),
 }

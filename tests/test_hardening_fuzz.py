@@ -53,3 +53,22 @@ def test_a_dicom_file_meta_element_of_odd_length_is_not_dicom_not_a_crash(tmp_pa
     (tmp_path / "s" / "x.dcm").write_bytes(data)
     with pytest.raises(InputError, match="no CT image slices found"):
         read_dicom_series(tmp_path / "s")
+
+
+def test_a_nifti_header_with_a_nan_vox_offset_is_refused_or_read_never_a_stray_exception(tmp_path):
+    """Found by the image target within seconds of adding the truncated-NIfTI length check."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from preprocess.io import read_ct
+    from tests import hardening_corpus as corpus
+
+    path = corpus.write_image(corpus.small_ct(), tmp_path / "ct.nii", compress=False)
+    data = bytearray(path.read_bytes())
+    data[108:112] = struct.pack("<f", float("nan"))
+    path.write_bytes(bytes(data))
+    try:
+        volume, geometry = read_ct(path)
+    except InputError:
+        return
+    assert volume.shape == geometry.shape_zyx and np.isfinite(volume).all() and isinstance(sitk.Image, type)
