@@ -73,18 +73,18 @@ def main() -> int:
             raise SystemExit(f"process.py failed ({code}) on {n} slices:\n{stderr}")
         case = json.loads((out / "results.json").read_text())["cases"][0]
         estimate = estimate_peak_bytes((args.size, args.size, n), stored_bytes_per_voxel=2) / GIB
-        rows.append((f"{args.size}x{args.size}x{n}", wall, case["timings_s"], peak, estimate))
+        rows.append((f"{args.size}x{args.size}x{n}", case["runtime"], wall, case["timings_s"], peak, estimate))
         print(f"{n} slices: peak {peak:.2f} GiB, estimate {estimate:.2f} GiB, {wall:.0f} s", file=sys.stderr, flush=True)
 
-    print(f"| CT (int16 .mha) | process wall s | read s | segment s | measure s | peak RSS GiB | estimate GiB | bound GiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, wall, t, peak, estimate in rows:
-        print(f"| {name} | {wall:.0f} | {t['read']:.1f} | {t['segment']:.0f} | {t['measure']:.1f} | {peak:.2f} | {estimate:.2f} | {args.bound_gb:g} |")
+    print(f"| CT (int16 .mha) | runtime | process wall s | read s | segment s | measure s | peak RSS GiB | estimate GiB | bound GiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, runtime, wall, t, peak, estimate in rows:
+        print(f"| {name} | {runtime} | {wall:.0f} | {t['read']:.1f} | {t['segment']:.0f} | {t['measure']:.1f} | {peak:.2f} | {estimate:.2f} | {args.bound_gb:g} |")
     if len(rows) >= 2:
         (a, b) = rows[0], rows[-1]
         voxels = [args.size * args.size * n for n in (args.slices[0], args.slices[-1])]
-        slope = (b[3] - a[3]) * GIB / (voxels[1] - voxels[0])
-        print(f"\nmeasured slope {slope:.1f} bytes/voxel, intercept {(a[3] * GIB - slope * voxels[0]) / 2**20:.0f} MiB")
+        slope = (b[4] - a[4]) * GIB / (voxels[1] - voxels[0])
+        print(f"\nmeasured slope {slope:.1f} bytes/voxel, intercept {(a[4] * GIB - slope * voxels[0]) / 2**20:.0f} MiB")
 
     huge = work / "claims-3000"
     huge.mkdir()
