@@ -183,7 +183,9 @@ def main() -> int:
     parser.add_argument("--results", type=Path, default=None, help="a trained nnU-Net results folder instead")
     parser.add_argument("--fold", nargs="+", default=["0"])
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--batch-size", type=int, default=4, help="process.py --batch-size (tiles per network call)")
+    parser.add_argument("--batch-size", type=int, default=1, help="process.py --batch-size (tiles per network call; 1 is fastest on the CPU here)")
+    parser.add_argument("--runtime", default="onnxruntime", help="process.py --runtime for ours (default onnxruntime)")
+    parser.add_argument("--precision", default="fp32", help="process.py --precision for ours (default fp32; see bench_cpu_precision.py for the others)")
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a new temporary one)")
     args = parser.parse_args()
 
@@ -222,7 +224,7 @@ def main() -> int:
     nn_wall, nn_rss, nn_err = run_child(child, env)
     nn_predict = json.loads([line for line in nn_err.splitlines() if line.startswith('{"predict_s"')][-1])["predict_s"]
     ours_wall, ours_rss, ours_err = run_child([sys.executable, str(REPO / "process.py"), "--input", str(work / "in"), "--output", str(work / "ours"),
-                                              "--model", str(package), "--runtime", "onnxruntime", "--threads", str(args.threads),
+                                              "--model", str(package), "--runtime", args.runtime, "--precision", args.precision, "--threads", str(args.threads),
                                               "--batch-size", str(args.batch_size)], env)
     results_json = json.loads((work / "ours" / "results.json").read_text())["cases"][0]
     ours_case = sum(v for k, v in results_json["timings_s"].items() if "." not in k)
@@ -243,7 +245,7 @@ def main() -> int:
     print("| run | process, start to end (s) | case: read to written (s) | per slice (ms) | peak RSS (MiB) |")
     print("| --- | ---: | ---: | ---: | ---: |")
     print(f"| nnUNetPredictor (torch CPU, no mirroring, step 0.5) | {nn_wall:.1f} | {nn_predict:.1f} | {1000 * nn_predict / shape[0]:.0f} | {nn_rss:.0f} |")
-    print(f"| ours: process.py, ONNX Runtime (network {results_json['timings_s']['segment.network']:.1f} s) | {ours_wall:.1f} | {ours_case:.1f} | {1000 * ours_case / shape[0]:.0f} | {ours_rss:.0f} |")
+    print(f"| ours: process.py, {args.runtime} {args.precision} (network {results_json['timings_s']['segment.network']:.1f} s) | {ours_wall:.1f} | {ours_case:.1f} | {1000 * ours_case / shape[0]:.0f} | {ours_rss:.0f} |")
     print(f"\nspeed ratio (nnUNetPredictor / ours): {nn_predict / ours_case:.2f}x per case, {nn_wall / ours_wall:.2f}x process to process; "
           f"voxel agreement {100 * agreement:.4f}%, per-label Dice min {min(dice.values()) if dice else float('nan'):.4f} "
           f"over {len(dice)} labels with >= 100 voxels")
