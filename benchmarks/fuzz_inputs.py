@@ -38,7 +38,7 @@ with atheris.instrument_imports(include=["preprocess"]):
 
 SUFFIXES = (".mha", ".nii", ".nii.gz", ".nrrd")
 #: a budget small enough that a header claiming a huge size is refused before anything is allocated
-BUDGET = MemoryBudget(1 * 2**30, "the fuzz harness")
+BUDGET = MemoryBudget(int(1.25 * 2**30), "the fuzz harness")  # volumes up to ~30 M voxels are read
 sitk.ProcessObject.GlobalWarningDisplayOff()
 
 WORK = Path(tempfile.mkdtemp(prefix="trunkseg-fuzz-"))
