@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -271,9 +272,10 @@ def precision_for(requested: str, runtime: str, card):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # A file-size limit (RLIMIT_FSIZE) then fails the write (EFBIG), reported, instead of killing the process.
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, stop_on_sigterm)  # the platform's stop: discard the case in progress, report, exit 143
+    if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+        # A file-size limit (RLIMIT_FSIZE) then fails the write (EFBIG), reported, instead of killing the process.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, stop_on_sigterm)  # the platform's stop: discard the case in progress, report, exit 143
     try:
         cases = find_cases(args.input, slug=args.input_slug, vertebrae_slug=args.vertebrae_slug)
         vertebrae = vertebrae_maps(args.vertebrae, cases.cases)

@@ -445,3 +445,17 @@ def test_sigterm_discards_the_case_in_progress_reports_it_and_exits_143(tmp_path
     cases = json.loads((tmp_path / "out" / "results.json").read_text())["cases"]
     assert [(c["case_id"], c["status"]) for c in cases] == [("a", "failed")]  # b was not started
     assert_nothing_partial(tmp_path / "out")
+
+
+def test_main_called_from_a_worker_thread_runs_without_its_signal_handlers(tmp_path):
+    """Signal handlers can only be installed in the main thread; an embedding that calls main() elsewhere still works."""
+    import threading
+
+    corpus.write_image(corpus.small_ct(1), tmp_path / "in" / "a.mha")
+    codes = []
+    worker = threading.Thread(target=lambda: codes.append(process.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                                                                           "--threads", "1"])))
+    worker.start()
+    worker.join(timeout=300)
+    assert codes == [0]
+    assert [p.name for p in (tmp_path / "out" / "images" / SLUG).iterdir()] == ["a.mha"]
