@@ -186,6 +186,25 @@ def bench_stages(args) -> None:
     print(f"\nload average after: {load_average()}", flush=True)
 
 
+def bench_network(args, package: Path, keys: list[str], repeat: int = 5) -> None:
+    """Network only, in this process: ms per tile of each runner on the same seeded tiles (batch --batch-size)."""
+    from model.package import load_model_package
+    from model.precision import open_runner
+
+    loaded = load_model_package(package)
+    tiles = np.random.default_rng(0).normal(size=(args.batch_size, 1, *loaded.card.tile_size)).astype(np.float32)
+    print(f"\n## network only, {loaded.card.tile_size[0]}x{loaded.card.tile_size[1]} tiles, batch {args.batch_size}; "
+          f"load average before: {load_average()}\n\n| runner | ms per tile |\n|---|---:|")
+    for key in keys:
+        with open_runner(key, loaded, threads=args.threads) as runner:
+            runner(tiles)
+            started = time.perf_counter()
+            for _ in range(repeat):
+                runner(tiles)
+            print(f"| {key} | {1000 * (time.perf_counter() - started) / repeat / len(tiles):.0f} |", flush=True)
+    print(f"\nload average after: {load_average()}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slices", type=int, default=300)
@@ -197,6 +216,8 @@ def main() -> int:
     parser.add_argument("--calibration-ct", type=Path, nargs="*", default=[], help="real CT files for the int8 calibration")
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a new temporary one; an earlier one's packages are reused)")
     parser.add_argument("--stages", action="store_true", help="only the work around the network (resampling, argmax, blending)")
+    parser.add_argument("--network-only", nargs="*", default=None, metavar="RUNNER",
+                        help="only the network, ms per tile, for these runners (default: every CPU runner, torch included)")
     args = parser.parse_args()
     if args.stages:
         bench_stages(args)
@@ -229,8 +250,13 @@ def main() -> int:
             paper_package(package, spacing_mm=spacing)
         else:
             shutil.copytree(REPO / "model" / "packages" / "demo-phantom", package)
-        if any(run.endswith("-int8") for run in args.runs) and "onnx_int8" not in load_model_package(package).card.files:
+        if any(run.endswith("-int8") for run in args.runs + (args.network_only or ["-int8"])) and "onnx_int8" not in load_model_package(package).card.files:
             quantize_package(package, ct=args.calibration_ct)
+        if args.network_only is not None:
+            keys = args.network_only or ["onnxruntime-fp32", "openvino-fp32", "openvino-bf16", "openvino-int8", "onnxruntime-int8",
+                                         "torch-cpu-fp32", "torch-cpu-bf16"]
+            bench_network(args, package, keys)
+            continue
         phantom = make_phantom(2026, size_xy=(512, 512), spacing_mm=(spacing, spacing, 1.0), n_slices=args.slices)
         ct = work / f"in-{label}" / "bench.nii.gz"
         ct.parent.mkdir(exist_ok=True)
