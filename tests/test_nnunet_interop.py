@@ -522,3 +522,23 @@ def test_chain_from_sparse_annotations_segments_a_held_out_phantom(trained, ours
     print(f"held-out phantom, level mid-slices: per-muscle Dice {json.dumps({NAMES[k]: round(v, 3) for k, v in dice.items()})}")
     assert len(dice) >= 10
     assert np.median(list(dice.values())) >= float(os.environ.get("TRUNKSEG_NNUNET_MIN_DICE", "0.6"))
+
+
+def test_bf16_on_the_imported_trained_model_is_measured_and_gated(trained, tmp_path):
+    """The CPU's bf16 mode (OpenVINO on AMX) on the nnU-Net-trained model: measured against fp32, used only if it holds."""
+    pytest.importorskip("openvino", reason="OpenVINO is the CPU runtime of bf16")
+    from model.precision import Volume, choose_precision, cpu_has_native_bf16, measure_agreement, record_agreement
+
+    if not cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bf16 (AMX or AVX512-BF16)")
+    phantom = trained.phantom
+    volume = Volume("held-out", phantom.ct_zyx, tuple(phantom.geometry.spacing_mm[:2]), float(phantom.geometry.spacing_mm[2]))
+    package = tmp_path / "pkg"
+    shutil.copytree(trained.package, package)
+    record = measure_agreement(load_model_package(package), [volume], ["openvino-bf16"], threads=2)["openvino-bf16"]
+    print(f"nnU-Net-trained model, openvino-bf16 vs fp32 on the held-out phantom: {record}")
+    assert record["voxel_agreement"] >= 0.995 and record["labels_compared"] >= 10, record  # close to fp32 either way
+    assert record["holds"] == (record["voxel_agreement"] >= 0.999 and record["min_dice"] >= 0.99)
+    record_agreement(package, {"openvino-bf16": record})
+    card = load_model_package(package).card
+    assert choose_precision("auto", runtime="openvino", card=card).name == ("bf16" if record["holds"] else "fp32")
