@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from preprocess.limits import estimate_peak_bytes  # noqa: E402
-from training.phantom import make_phantom  # noqa: E402
 
 GIB = 2**30
 
@@ -51,7 +51,17 @@ def write_claiming_header(path: Path, size_xyz: tuple[int, int, int]) -> None:
     path.write_bytes(header.encode() + b"\0" * 64)
 
 
+def write_phantom(path: str, size: int, n_slices: int) -> None:
+    from training.phantom import make_phantom
+
+    phantom = make_phantom(2024, size_xy=(size, size), spacing_mm=(0.8, 0.8, 1.0), n_slices=n_slices)
+    sitk.WriteImage(phantom.geometry.apply_to(sitk.GetImageFromArray(phantom.ct_zyx)), path, useCompression=True)
+
+
 def main() -> int:
+    if len(sys.argv) == 5 and sys.argv[1] == "--write-phantom":
+        write_phantom(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slices", type=int, nargs="+", default=[300, 1000])
     parser.add_argument("--size", type=int, default=512)
@@ -64,9 +74,9 @@ def main() -> int:
     for n in args.slices:
         folder = work / f"in-{n}"
         folder.mkdir()
-        phantom = make_phantom(2024, size_xy=(args.size, args.size), spacing_mm=(0.8, 0.8, 1.0), n_slices=n)
-        sitk.WriteImage(phantom.geometry.apply_to(sitk.GetImageFromArray(phantom.ct_zyx)), str(folder / "bench.mha"), useCompression=True)
-        del phantom
+        # In a child process: Linux carries a parent's peak RSS at fork into the child's ru_maxrss, so this
+        # process must stay small for the figures below to be process.py's own.
+        subprocess.run([sys.executable, __file__, "--write-phantom", str(folder / "bench.mha"), str(args.size), str(n)], check=True)
         out = work / f"out-{n}"
         code, wall, peak, stderr = run_process(["--input", str(folder), "--output", str(out), "--threads", str(args.threads)])
         if code != 0:
@@ -91,6 +101,7 @@ def main() -> int:
     write_claiming_header(huge / "huge.mha", (args.size, args.size, 3000))
     code, wall, peak, stderr = run_process(["--input", str(huge), "--output", str(work / "out-huge"), "--memory-limit-gb", str(args.bound_gb)])
     line = next((l for l in stderr.splitlines() if l.startswith("error:")), "")
+    print(f"\nthis script's own peak RSS (a floor under the figures above): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
     print(f"\nheader claiming {args.size}x{args.size}x3000: exit {code} in {wall:.1f} s (process start included), peak RSS {peak:.2f} GiB:\n    {line}")
     return 0
 

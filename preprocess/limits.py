@@ -28,9 +28,9 @@ DEFAULT_CASE_TIME_LIMIT_S = GC_DEFAULT_JOB_TIME_LIMIT_S - 300
 #: exception can be raised) gets before the process reports it and exits
 HARD_LIMIT_GRACE_S = 60.0
 
-# Measured (benchmarks/bench_memory.py, docs/benchmarks.md; OpenVINO, int16 .mha): peak = 882 MiB + 4.9
+# Measured (benchmarks/bench_memory.py, docs/benchmarks.md; OpenVINO, int16 .mha): peak = 923 MiB + 3.0
 # bytes/voxel (stored 2 included); runtime, model and the streamed logits chunks are the fixed part, the CT
-# and its label map grow with the voxels. Set with a margin (x1.6 on the slope) for the per-case reports
+# and its label map grow with the voxels. Set with a margin (x2.7 on the slope) for the per-case reports
 # (DICOM-SEG frames) and for changes in the pipeline: an earlier pipeline, whose measures held float64
 # copies of the volume, peaked at 0.7 GiB + 18.5 bytes/voxel.
 PEAK_FIXED_BYTES = 1024 * 2**20
