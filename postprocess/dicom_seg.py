@@ -47,6 +47,11 @@ from postprocess.colours import COLOURS
 from preprocess.dicom import list_ct_slices, sort_slices
 from preprocess.errors import InputError
 
+#: Type 2 attributes of the Patient, General Study and General Equipment modules that highdicom copies from the
+#: source into the SEG: absent ones are added empty (what Type 2 allows) on the headers' copies, never the files
+TYPE_2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
 ANATOMICAL_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
 LATERALITY = {"right": Code("24028007", "SCT", "Right"), "left": Code("7771000", "SCT", "Left")}
 
@@ -143,6 +148,10 @@ def read_source_series(folder: Path) -> SourceSeries:
         for header in headers:
             setattr(header, attribute, uid)
         derived.add(attribute)
+    for header in headers:  # Type 2 (may be empty, must be present) in the modules a SEG copies; exports often drop them
+        for attribute in TYPE_2_COPIED:
+            if attribute not in header:
+                setattr(header, attribute, "")
     return SourceSeries(headers=headers, derived_uids=tuple(sorted(derived)), folder=folder)
 
 
