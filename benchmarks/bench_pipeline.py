@@ -4,7 +4,7 @@
 
 Each runtime runs the real entry point in its own process (same CT, same weights, same settings), so
 peak RSS is that process's own (os.wait4). ONNX Runtime is the candidate, PyTorch eager fp32 the
-baseline. Prints a markdown table for docs/benchmarks.md, and the agreement of the masks.
+baseline (OpenVINO, the CPU default, in the precision the model card allows: see bench_cpu_precision.py). Prints a markdown table for docs/benchmarks.md, and the agreement of the masks.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def main() -> int:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--spacing", type=float, default=0.8, help="in-plane spacing (mm)")
-    parser.add_argument("--runtimes", nargs="+", default=["torch", "onnxruntime"])
+    parser.add_argument("--runtimes", nargs="+", default=["torch", "onnxruntime", "openvino"])
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args()
