@@ -272,10 +272,21 @@ def precision_for(requested: str, runtime: str, card):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
-        # A file-size limit (RLIMIT_FSIZE) then fails the write (EFBIG), reported, instead of killing the process.
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, stop_on_sigterm)  # the platform's stop: discard the case in progress, report, exit 143
+    if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there
+        return run(args)
+    previous = {number: signal.getsignal(number) for number in (signal.SIGXFSZ, signal.SIGTERM)}
+    # A file-size limit (RLIMIT_FSIZE) then fails the write (EFBIG), reported, instead of killing the process.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)  # the platform's stop: discard the case in progress, report, exit 143
+    try:
+        return run(args)
+    finally:  # a caller (tests, a notebook) gets its own handlers back
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Every case of the run, results.json, and the exit code."""
     try:
         cases = find_cases(args.input, slug=args.input_slug, vertebrae_slug=args.vertebrae_slug)
         vertebrae = vertebrae_maps(args.vertebrae, cases.cases)
