@@ -32,13 +32,13 @@ from model.runtime_gpu import GPU_RUNTIMES, choose_gpu_precision, segmenter_for,
 from model.segment import SegmentStats
 from postprocess import __version__ as POSTPROCESS_VERSION
 from postprocess.dicom_seg import SEGMENTATION_TYPES
-from postprocess.outputs import StagedOutputs
+from postprocess.outputs import StagedOutputs, check_output_writable, list_files, remove_new_files
 from postprocess.report import ReportOptions, load_vertebrae, write_case_report
-from preprocess.errors import InputError, LimitError, OutputError, TerminatedError, TrunkSegError
+from preprocess.errors import LimitError, OutputError, TerminatedError, TrunkSegError
 from preprocess.geometry import Reorientation
-from preprocess.inputs import Case, find_cases
-from preprocess.io import case_id, is_image_file, read_ct, write_label_map
-from preprocess.limits import DEFAULT_CASE_TIME_LIMIT_S, CaseTimer, MemoryBudget, detect_memory_limit
+from preprocess.inputs import Case, find_cases, vertebrae_maps
+from preprocess.io import read_ct, write_label_map
+from preprocess.limits import DEFAULT_CASE_TIME_LIMIT_S, CaseTimer, MemoryBudget, memory_budget
 from preprocess.vertebrae import SCHEMES
 
 REPO = Path(__file__).resolve().parent
@@ -149,29 +149,10 @@ def write_json_atomically(data: dict, path: Path) -> None:
         raise
 
 
-def check_output_writable(output_dir: Path) -> None:
-    """Fail before any work when the output folder cannot be created or written."""
-    probe = output_dir / f".probe-{os.getpid()}"
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise OutputError(f"{output_dir}: output folder is not writable ({error.strerror})") from None
 
 
-def list_files(root: Path) -> set[Path]:
-    return {Path(folder) / name for folder, dirs, files in os.walk(root) for name in files + dirs}
 
 
-def remove_new_files(root: Path, before: set[Path]) -> None:
-    """Remove what a failed case left under `root` (files first, then its emptied folders)."""
-    for path in sorted(list_files(root) - before, key=lambda p: len(p.parts), reverse=True):
-        if path.is_dir() and not path.is_symlink():
-            if not any(path.iterdir()):
-                path.rmdir()
-        else:
-            path.unlink(missing_ok=True)
 
 
 def describe_failure(error: BaseException, case: Case) -> tuple[str, int]:
@@ -187,18 +168,6 @@ def describe_failure(error: BaseException, case: Case) -> tuple[str, int]:
     return f"{case.source}: unexpected {type(error).__name__}: {reason} (set TRUNKSEG_DEBUG=1 for the traceback)", 1
 
 
-def vertebrae_maps(path: Path | None, cases) -> dict[str, Path]:
-    """--vertebrae: one file for the one case, or a folder of <case_id>.<image suffix> files (a case without one has no levels)."""
-    if path is None:
-        return {}
-    if path.is_file():
-        if len(cases) != 1:
-            raise InputError(f"{path}: one vertebra label map given for {len(cases)} cases; give a folder of <case>.<ext> files")
-        return {cases[0].case_id: path}
-    if not path.is_dir():
-        raise InputError(f"{path}: vertebra label map not found")
-    files = {case_id(p): p for p in sorted(path.iterdir()) if is_image_file(p)}
-    return {c.case_id: files[c.case_id] for c in cases if c.case_id in files}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -252,10 +221,6 @@ def _env_float(name: str, default: float | None = None) -> float | None:
         raise SystemExit(f"error: ${name}={text!r} is not a number") from None
 
 
-def memory_budget(limit_gb: float | None) -> MemoryBudget:
-    if limit_gb is not None:
-        return MemoryBudget(int(limit_gb * 2**30), "--memory-limit-gb")
-    return MemoryBudget(*detect_memory_limit())
 
 
 def stop_on_sigterm(signum, frame):

@@ -78,3 +78,28 @@ class StagedOutputs:
         else:
             self.discard()
         return False
+
+
+def check_output_writable(output_dir: Path) -> None:
+    """Fail before any work when the output folder cannot be created or written."""
+    probe = output_dir / f".probe-{os.getpid()}"
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise OutputError(f"{output_dir}: output folder is not writable ({error.strerror})") from None
+
+
+def list_files(root: Path) -> set[Path]:
+    return {Path(folder) / name for folder, dirs, files in os.walk(root) for name in files + dirs}
+
+
+def remove_new_files(root: Path, before: set[Path]) -> None:
+    """Remove what a failed case left under `root` (files first, then its emptied folders)."""
+    for path in sorted(list_files(root) - before, key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir() and not path.is_symlink():
+            if not any(path.iterdir()):
+                path.rmdir()
+        else:
+            path.unlink(missing_ok=True)

@@ -140,3 +140,17 @@ def find_cases(input_dir: Path, *, slug: str | None = None, vertebrae_slug: str 
     if duplicates:
         raise InputError(f"{root}: several inputs share the case name(s) {', '.join(duplicates)}")
     return CaseList("folder", cases)
+
+
+def vertebrae_maps(path: Path | None, cases) -> dict[str, Path]:
+    """--vertebrae: one file for the one case, or a folder of <case_id>.<image suffix> files (a case without one has no levels)."""
+    if path is None:
+        return {}
+    if path.is_file():
+        if len(cases) != 1:
+            raise InputError(f"{path}: one vertebra label map given for {len(cases)} cases; give a folder of <case>.<ext> files")
+        return {cases[0].case_id: path}
+    if not path.is_dir():
+        raise InputError(f"{path}: vertebra label map not found")
+    files = {case_id(p): p for p in sorted(path.iterdir()) if is_image_file(p)}
+    return {c.case_id: files[c.case_id] for c in cases if c.case_id in files}

@@ -129,3 +129,9 @@ class CaseTimer:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, self._previous)
             self._previous = None
+
+
+def memory_budget(limit_gb: float | None) -> MemoryBudget:
+    if limit_gb is not None:
+        return MemoryBudget(int(limit_gb * 2**30), "--memory-limit-gb")
+    return MemoryBudget(*detect_memory_limit())
