@@ -144,6 +144,25 @@ def bench_model(label: str, package: Path, ct: Path, work: Path, args, env: dict
     print(f"\nload average after: {load_average()}", flush=True)
 
 
+def resample_argmax_gathering_blocks(logits_ncyx: np.ndarray, shape_yx: tuple[int, int]) -> np.ndarray:
+    """The baseline of preprocess.resample.resample_argmax (until 2026-12-02): (k, channels) corner blocks by mixed advanced indexing."""
+    from preprocess.resample import _linear_taps, argmax_channels
+
+    coarse = argmax_channels(logits_ncyx)
+    ylo, yhi, wy = _linear_taps(logits_ncyx.shape[-2], shape_yx[0])
+    xlo, xhi, wx = _linear_taps(logits_ncyx.shape[-1], shape_yx[1])
+    corners = [coarse[:, ys][:, :, xs] for ys in (ylo, yhi) for xs in (xlo, xhi)]
+    out = corners[0].copy()
+    mixed = (corners[0] != corners[1]) | (corners[0] != corners[2]) | (corners[0] != corners[3])
+    n, i, j = np.nonzero(mixed)
+    if n.size:
+        fy, fx = wy[i][:, None], wx[j][:, None]
+        top = logits_ncyx[n, :, ylo[i], xlo[j]] * (1 - fx) + logits_ncyx[n, :, ylo[i], xhi[j]] * fx
+        bottom = logits_ncyx[n, :, yhi[i], xlo[j]] * (1 - fx) + logits_ncyx[n, :, yhi[i], xhi[j]] * fx
+        out[n, i, j] = np.argmax(top * (1 - fy) + bottom * fy, axis=1)
+    return out
+
+
 def bench_stages(args) -> None:
     """The work around the network, per slice: each fast path against the call it replaces, same data, same run."""
     from dataclasses import replace
@@ -152,7 +171,7 @@ def bench_stages(args) -> None:
 
     from model.package import load_model_package
     from model.segment import SegmentStats, segment_volume
-    from preprocess.resample import argmax_channels, resample_slices
+    from preprocess.resample import argmax_channels, resample_argmax, resample_slices
     from training.phantom import make_phantom
 
     rng = np.random.default_rng(0)
@@ -171,6 +190,12 @@ def bench_stages(args) -> None:
     zoom = per_slice(lambda: ndimage.zoom(stack, (1, 499 / 512, 499 / 512), order=3, mode="nearest", grid_mode=True), len(stack))
     print(f"| cubic resampling 512 -> 499 (0.78 -> 0.8 mm): ndimage.zoom / two matrix products | {zoom:.1f} | "
           f"{per_slice(lambda: resample_slices(stack, (499, 499), order=3), len(stack)):.1f} |")
+    boundary = resample_argmax_gathering_blocks(logits, (499, 499))
+    if not np.array_equal(boundary, resample_argmax(logits, (499, 499))):
+        raise SystemExit("resample_argmax differs from its baseline")
+    print(f"| argmax of the logits resampled 512 -> 499, boundary pixels: (k, 23) corner blocks / plane by plane flat gathers | "
+          f"{per_slice(lambda: resample_argmax_gathering_blocks(logits, (499, 499)), len(logits)):.1f} | "
+          f"{per_slice(lambda: resample_argmax(logits, (499, 499)), len(logits)):.1f} |")
     print(f"| argmax over 23 channels: np.argmax(axis=1) / plane by plane | {per_slice(lambda: np.argmax(logits, axis=1), len(logits)):.1f} | "
           f"{per_slice(lambda: argmax_channels(logits), len(logits)):.1f} |")
     card = replace(load_model_package(REPO / "model" / "packages" / "demo-phantom").card, tile_size=(512, 512), pixel_spacing_mm=(0.8, 0.8))
@@ -250,7 +275,8 @@ def main() -> int:
             paper_package(package, spacing_mm=spacing)
         else:
             shutil.copytree(REPO / "model" / "packages" / "demo-phantom", package)
-        if any(run.endswith("-int8") for run in args.runs + (args.network_only or ["-int8"])) and "onnx_int8" not in load_model_package(package).card.files:
+        wanted = args.runs if args.network_only is None else (args.network_only or ["-int8"])  # no runner named: all of them, int8 too
+        if any(run.endswith("-int8") for run in wanted) and "onnx_int8" not in load_model_package(package).card.files:
             quantize_package(package, ct=args.calibration_ct)
         if args.network_only is not None:
             keys = args.network_only or ["onnxruntime-fp32", "openvino-fp32", "openvino-bf16", "openvino-int8", "onnxruntime-int8",

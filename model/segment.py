@@ -156,7 +156,7 @@ def segment_volume(
     # of the Gaussian-weighted sum is that of the blended logits (a positive weight per pixel): no division.
     single_tile = len(offsets) == 1 and padded == tile
     divide = resample and not single_tile
-    crop = (slice(None), slice(None), slice(pads[0][0], pads[0][0] + model_shape[0]), slice(pads[1][0], pads[1][0] + model_shape[1]))
+    window = (slice(pads[0][0], pads[0][0] + model_shape[0]), slice(pads[1][0], pads[1][0] + model_shape[1]))  # the image inside the padding
     buffer = np.empty((chunk, n_classes, *padded), dtype=np.float32)  # the chunk's logits, allocated once
 
     for part in iter_chunks(n_slices, chunk):
@@ -197,7 +197,7 @@ def segment_volume(
         started = time.perf_counter()
         if divide:
             logits *= inverse_weight
-        channels = resample_argmax(logits[crop], (height, width))
+        channels = resample_argmax(logits, (height, width), window_yx=window)
         labels[part] = channel_labels[channels]
         stats.seconds["resample_back_argmax"] += time.perf_counter() - started
         if progress is not None:

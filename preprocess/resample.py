@@ -100,26 +100,56 @@ def resample_linear(stack: np.ndarray, shape_yx: tuple[int, int]) -> np.ndarray:
     return rows[..., low] * (1 - weight) + rows[..., high] * weight
 
 
-def resample_argmax(logits_ncyx: np.ndarray, shape_yx: tuple[int, int]) -> np.ndarray:
+def resample_argmax(logits_ncyx: np.ndarray, shape_yx: tuple[int, int], *, window_yx: tuple[slice, slice] | None = None) -> np.ndarray:
     """argmax over channels of the bilinearly resampled logits, without resampling every channel.
 
     Exact: where the four source pixels of an output pixel share one argmax, every difference
     l_c - l_k is >= 0 at all four, so it stays >= 0 under interpolation and that label wins; only the
     remaining (boundary) pixels are interpolated over all channels. Returns (n, *shape_yx) uint8 channel indices.
+
+    `window_yx` (two slices with explicit start and stop) resamples only that in-plane window of the logits, the
+    image inside the tile padding, reading the padded buffer in place: a cropped view would be copied whole.
     """
+    rows, cols = window_yx or (slice(0, logits_ncyx.shape[-2]), slice(0, logits_ncyx.shape[-1]))
+    if not (0 <= rows.start < rows.stop <= logits_ncyx.shape[-2] and 0 <= cols.start < cols.stop <= logits_ncyx.shape[-1]):
+        raise ValueError(f"window {window_yx} is not inside the logits' plane {logits_ncyx.shape[-2:]}")
     coarse = argmax_channels(logits_ncyx)
-    if tuple(logits_ncyx.shape[-2:]) == tuple(shape_yx):
-        return coarse
-    ylo, yhi, wy = _linear_taps(logits_ncyx.shape[-2], shape_yx[0])
-    xlo, xhi, wx = _linear_taps(logits_ncyx.shape[-1], shape_yx[1])
+    window_shape = (rows.stop - rows.start, cols.stop - cols.start)
+    if window_shape == tuple(shape_yx):
+        return np.ascontiguousarray(coarse[:, rows, cols])
+    ylo, yhi, wy = _linear_taps(window_shape[0], shape_yx[0])
+    xlo, xhi, wx = _linear_taps(window_shape[1], shape_yx[1])
+    ylo, yhi, xlo, xhi = ylo + rows.start, yhi + rows.start, xlo + cols.start, xhi + cols.start
     corners = [coarse[:, ys][:, :, xs] for ys in (ylo, yhi) for xs in (xlo, xhi)]
     out = corners[0].copy()
     mixed = (corners[0] != corners[1]) | (corners[0] != corners[2]) | (corners[0] != corners[3])
     n, i, j = np.nonzero(mixed)
     if n.size:
-        fy, fx = wy[i][:, None], wx[j][:, None]
-        # (k, C) logits at the four corners of each boundary pixel
-        top = logits_ncyx[n, :, ylo[i], xlo[j]] * (1 - fx) + logits_ncyx[n, :, ylo[i], xhi[j]] * fx
-        bottom = logits_ncyx[n, :, yhi[i], xlo[j]] * (1 - fx) + logits_ncyx[n, :, yhi[i], xhi[j]] * fx
-        out[n, i, j] = np.argmax(top * (1 - fy) + bottom * fy, axis=1)
+        out[n, i, j] = _boundary_argmax(logits_ncyx, n, ylo[i], yhi[i], xlo[j], xhi[j], wy[i], wx[j])
     return out
+
+
+def _boundary_argmax(logits_ncyx: np.ndarray, n: np.ndarray, ylo: np.ndarray, yhi: np.ndarray, xlo: np.ndarray, xhi: np.ndarray,
+                     fy: np.ndarray, fx: np.ndarray) -> np.ndarray:
+    """argmax over channels of the bilinear interpolation at k points (image n, corners y/x lo/hi, weights fy/fx).
+
+    One channel plane at a time with flat 1D gathers and a running maximum (the first maximum wins, as in
+    np.argmax): about 3x faster here than gathering (k, channels) corner blocks with mixed advanced indexing,
+    which reads one value per channel plane per point. The arithmetic per value is the same.
+    """
+    channels, height, width = logits_ncyx.shape[1:]
+    plane = height * width
+    flat = np.ascontiguousarray(logits_ncyx).reshape(-1)
+    base = n * (channels * plane)
+    top_row, bottom_row = base + ylo * width, base + yhi * width
+    corners = (top_row + xlo, top_row + xhi, bottom_row + xlo, bottom_row + xhi)
+    gy, gx = 1 - fy, 1 - fx
+    best = np.full(n.size, -np.inf, dtype=np.float32)
+    label = np.zeros(n.size, dtype=np.uint8)
+    for channel in range(channels):
+        at = [flat.take(corner + channel * plane) for corner in corners]
+        value = (at[0] * gx + at[1] * fx) * gy + (at[2] * gx + at[3] * fx) * fy
+        better = value > best
+        best[better] = value[better]
+        label[better] = channel
+    return label

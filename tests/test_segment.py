@@ -105,6 +105,34 @@ def test_resample_argmax_equals_argmax_of_resampled_logits():
     assert np.mean(got == expected) > 0.9999  # differences only at float-rounding ties
 
 
+def test_resample_argmax_is_exact_against_the_same_float32_interpolation_of_every_channel():
+    # oracle: every channel interpolated (x first, then y, float32, as the boundary pass does), then np.argmax;
+    # quantised logits make exact ties, where the first maximum must win as in np.argmax
+    from preprocess.resample import _linear_taps
+
+    rng = np.random.default_rng(5)
+    logits = np.round(ndimage.gaussian_filter(rng.normal(size=(2, 7, 33, 41)), (0, 0, 2, 2)) * 8).astype(np.float32) / 8
+    for shape in ((70, 90), (20, 25), (33, 60)):
+        ylo, yhi, fy = _linear_taps(33, shape[0])
+        xlo, xhi, fx = _linear_taps(41, shape[1])
+        rows_lo, rows_hi = logits[:, :, ylo], logits[:, :, yhi]
+        top = rows_lo[..., xlo] * (1 - fx) + rows_lo[..., xhi] * fx
+        bottom = rows_hi[..., xlo] * (1 - fx) + rows_hi[..., xhi] * fx
+        expected = np.argmax(top * (1 - fy)[:, None] + bottom * fy[:, None], axis=1)
+        np.testing.assert_array_equal(resample_argmax(logits, shape), expected)
+
+
+def test_resample_argmax_of_a_window_equals_that_of_the_cropped_logits():
+    rng = np.random.default_rng(6)
+    padded = ndimage.gaussian_filter(rng.normal(size=(2, 5, 40, 44)), (0, 0, 2, 2)).astype(np.float32)
+    window = (slice(3, 36), slice(5, 42))
+    cropped = np.ascontiguousarray(padded[:, :, window[0], window[1]])
+    for shape in ((60, 70), (33, 37), (20, 18)):
+        np.testing.assert_array_equal(resample_argmax(padded, shape, window_yx=window), resample_argmax(cropped, shape))
+    with pytest.raises(ValueError, match="not inside"):
+        resample_argmax(padded, (10, 10), window_yx=(slice(0, 41), slice(0, 10)))
+
+
 def test_separable_linear_resampling_equals_scipy_zoom_order_1():
     stack = np.random.default_rng(4).normal(size=(2, 23, 31)).astype(np.float32)
     np.testing.assert_allclose(resample_linear(stack, (50, 17)), resample_slices(stack, (50, 17), order=1), atol=1e-5)
