@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -95,6 +96,17 @@ def load_average() -> str:
     return " ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
+def checkout(ref: str, work: Path) -> Path:
+    """The repository's tree at `ref` (git archive, no worktree bookkeeping), for baseline runs of its process.py."""
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", ref], check=True, capture_output=True, text=True).stdout.strip()
+    tree = work / f"tree-{commit}"
+    if not (tree / "process.py").is_file():
+        tree.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", commit], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
+
+
 def bench_model(label: str, package: Path, ct: Path, work: Path, args, env: dict) -> None:
     from model.package import load_model_package
     from model.precision import agreement_of
@@ -119,20 +131,26 @@ def bench_model(label: str, package: Path, ct: Path, work: Path, args, env: dict
         masks["nnUNetPredictor"] = np.asarray(card.channel_labels, dtype=np.uint8)[labels_of(out)]
         rows.append(("nnUNetPredictor (torch fp32, baseline)", wall, case_s, None, rss))
         print(f"  nnUNetPredictor: {case_s:.1f} s", file=sys.stderr, flush=True)
+    trees = [(f"baseline {args.baseline_ref}", checkout(args.baseline_ref, work))] if args.baseline_ref else []
+    trees.append(("ours", REPO))
     for key in args.runs:
         runtime, precision = key.rsplit("-", 1)
-        out = work / f"ours-{label}-{key}"
-        wall, rss, err = run_child([sys.executable, str(REPO / "process.py"), "--input", str(ct.parent), "--output", str(out),
-                                    "--model", str(package), "--runtime", runtime, "--precision", precision,
-                                    "--threads", str(args.threads), "--batch-size", str(args.batch_size)], env)
-        case = json.loads((out / "results.json").read_text())["cases"][0]
-        t = case["timings_s"]
-        case_s = sum(v for k, v in t.items() if "." not in k)
-        masks[key] = labels_of(out / case["output"])
-        rows.append((f"ours, {key}", wall, case_s, t["segment.network"], rss))
-        print(f"  {key}: {case_s:.1f} s (network {t['segment.network']:.1f} s)", file=sys.stderr, flush=True)
+        for who, tree in trees:  # the baseline's run right before ours: the same machine state for both
+            name = key if who == "ours" else f"{key} ({who})"
+            out = work / f"{who.replace(' ', '-')}-{label}-{key}"
+            shutil.rmtree(out, ignore_errors=True)
+            wall, rss, err = run_child([sys.executable, str(tree / "process.py"), "--input", str(ct.parent), "--output", str(out),
+                                        "--model", str(package), "--runtime", runtime, "--precision", precision,
+                                        "--threads", str(args.threads), "--batch-size", str(args.batch_size)], dict(env, PYTHONPATH=str(tree)))
+            case = json.loads((out / "results.json").read_text())["cases"][0]
+            t = case["timings_s"]
+            case_s = sum(v for k, v in t.items() if "." not in k)
+            masks[name] = labels_of(out / case["output"])
+            rows.append((f"{who}, {key}", wall, case_s, t["segment.network"], rss))
+            around = {k.split(".")[-1]: round(v, 1) for k, v in t.items() if k != "segment.network" and k != "segment"}
+            print(f"  {who}, {key}: {case_s:.1f} s (network {t['segment.network']:.1f} s; {around})", file=sys.stderr, flush=True)
 
-    reference = masks[args.runs[0]]
+    reference = masks[args.runs[0]]  # ours
     print(f"\n| run | process wall s | case s | network s | ms/slice (case) | network ms/slice | peak RSS MiB | "
           f"voxels = {args.runs[0]} | min Dice vs {args.runs[0]} |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -146,11 +164,11 @@ def bench_model(label: str, package: Path, ct: Path, work: Path, args, env: dict
 
 def resample_argmax_gathering_blocks(logits_ncyx: np.ndarray, shape_yx: tuple[int, int]) -> np.ndarray:
     """The baseline of preprocess.resample.resample_argmax (until 2026-12-02): (k, channels) corner blocks by mixed advanced indexing."""
-    from preprocess.resample import _linear_taps, argmax_channels
+    from preprocess.resample import linear_taps, argmax_channels
 
     coarse = argmax_channels(logits_ncyx)
-    ylo, yhi, wy = _linear_taps(logits_ncyx.shape[-2], shape_yx[0])
-    xlo, xhi, wx = _linear_taps(logits_ncyx.shape[-1], shape_yx[1])
+    ylo, yhi, wy = linear_taps(logits_ncyx.shape[-2], shape_yx[0])
+    xlo, xhi, wx = linear_taps(logits_ncyx.shape[-1], shape_yx[1])
     corners = [coarse[:, ys][:, :, xs] for ys in (ylo, yhi) for xs in (xlo, xhi)]
     out = corners[0].copy()
     mixed = (corners[0] != corners[1]) | (corners[0] != corners[2]) | (corners[0] != corners[3])
@@ -239,6 +257,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--batch-size", type=int, default=1, help="process.py --batch-size (tiles per network call; 1 is fastest here)")
     parser.add_argument("--calibration-ct", type=Path, nargs="*", default=[], help="real CT files for the int8 calibration")
+    parser.add_argument("--baseline-ref", default=None, metavar="REF",
+                        help="also run each of --runs with process.py as it was at this git commit, right before ours (same CT, same package)")
+    parser.add_argument("--ct-spacing-mm", type=float, default=None,
+                        help="in-plane spacing of the phantom CT (default: the model's, so no resampling; e.g. 0.78 makes the pipeline resample)")
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a new temporary one; an earlier one's packages are reused)")
     parser.add_argument("--stages", action="store_true", help="only the work around the network (resampling, argmax, blending)")
     parser.add_argument("--network-only", nargs="*", default=None, metavar="RUNNER",
@@ -253,8 +275,6 @@ def main() -> int:
         if importlib.util.find_spec("nnunetv2") is None:
             print("nnunetv2 is not installed: nnUNetPredictor left out", file=sys.stderr)
             args.nnunet = False
-
-    import shutil
 
     from model.package import load_model_package
     from model.quantize import quantize_package
@@ -283,10 +303,13 @@ def main() -> int:
                                          "torch-cpu-fp32", "torch-cpu-bf16"]
             bench_network(args, package, keys)
             continue
-        phantom = make_phantom(2026, size_xy=(512, 512), spacing_mm=(spacing, spacing, 1.0), n_slices=args.slices)
-        ct = work / f"in-{label}" / "bench.nii.gz"
-        ct.parent.mkdir(exist_ok=True)
-        sitk.WriteImage(phantom.geometry.apply_to(sitk.GetImageFromArray(phantom.ct_zyx)), str(ct), useCompression=True)
+        ct_spacing = args.ct_spacing_mm or spacing
+        ct = work / f"in-{label}-{ct_spacing:g}mm-{args.slices}" / "bench.nii.gz"
+        if not ct.is_file():  # an earlier run with this --work made it: reused
+            phantom = make_phantom(2026, size_xy=(512, 512), spacing_mm=(ct_spacing, ct_spacing, 1.0), n_slices=args.slices)
+            ct.parent.mkdir(exist_ok=True)
+            sitk.WriteImage(phantom.geometry.apply_to(sitk.GetImageFromArray(phantom.ct_zyx)), str(work / "partial.nii.gz"), useCompression=True)
+            os.replace(work / "partial.nii.gz", ct)  # the input folder never holds a half-written CT
         print(f"{label}: package, int8 export and CT ready in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
         bench_model(label, package, ct, work, args, env)
     return 0

@@ -44,6 +44,9 @@ class Runtime(Protocol):
 
     def __call__(self, batch: np.ndarray) -> np.ndarray: ...
 
+    # optional: `infer_into(batch, out) -> None` writes the logits into a caller's float32 C-contiguous array
+    # (the segmenter's buffer) instead of returning a new one (OpenVinoRunner)
+
 
 def _check_batch(batch: np.ndarray, channels: int, tile: tuple[int, int], who: str) -> None:
     if not isinstance(batch, np.ndarray) or batch.dtype != np.float32:
@@ -57,6 +60,13 @@ def _check_logits(logits: np.ndarray, batch: np.ndarray, classes: int, who: str)
     if logits.shape != expected:
         raise RuntimeError(f"{who}: output {OUTPUT_NAME!r} has shape {logits.shape}, expected {expected}")
     return logits if logits.dtype == np.float32 else logits.astype(np.float32)
+
+
+def _check_output_buffer(out: np.ndarray, expected: tuple[int, ...], who: str) -> None:
+    if not isinstance(out, np.ndarray) or out.dtype != np.float32 or not out.flags.c_contiguous or not out.flags.writeable:
+        raise TypeError(f"{who}: the buffer for output {OUTPUT_NAME!r} must be a writable C-contiguous float32 numpy array")
+    if out.shape != expected:
+        raise ValueError(f"{who}: the buffer for output {OUTPUT_NAME!r} must be {expected}, got {out.shape}")
 
 
 def onnx_role(precision: str) -> str:
@@ -118,16 +128,31 @@ class OpenVinoRunner:
         compiled = core.compile_model(model, "CPU", config)
         self._output = compiled.output(OUTPUT_NAME)
         self.request = compiled.create_infer_request()
+        self._own_output = self.request.get_tensor(self._output)
+        self._tensor = openvino.Tensor
         return self
 
     def __exit__(self, *exc) -> None:
-        self.request = None
+        self.request = self._own_output = None
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         card = self.package.card
         _check_batch(batch, card.input_channels, card.tile_size, self.name)
+        self.request.set_tensor(self._output, self._own_output)  # never a caller's array that infer_into lent it
         logits = self.request.infer({INPUT_NAME: np.ascontiguousarray(batch)})[self._output]  # a copy: the request reuses its buffer
         return _check_logits(logits, batch, card.num_classes, self.name)
+
+    def infer_into(self, batch: np.ndarray, out: np.ndarray) -> None:
+        """The logits of `batch` written straight into `out` (float32, C-contiguous, (batch, classes, tile_y, tile_x)).
+
+        OpenVINO writes into the caller's memory (a shared Tensor), so the 24 MB of logits of a 512x512 tile are
+        neither copied out of the request nor allocated per call; the segmenter's own buffer receives them.
+        """
+        card = self.package.card
+        _check_batch(batch, card.input_channels, card.tile_size, self.name)
+        _check_output_buffer(out, (batch.shape[0], card.num_classes, *card.tile_size), self.name)
+        self.request.set_tensor(self._output, self._tensor(out, shared_memory=True))
+        self.request.infer({INPUT_NAME: np.ascontiguousarray(batch)})
 
 
 class OnnxRuntimeRunner:

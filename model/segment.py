@@ -2,7 +2,8 @@
 
 Knows nothing of files or runtimes: it takes a volume already in the model's frame, its in-plane
 spacing, a model card and a callable `network(batch) -> logits`, so tests can pass a tiny network and
-every runtime plugs in the same way.
+every runtime plugs in the same way. A network that also has `infer_into(batch, out)` (OpenVINO) writes
+the logits of one-tile-per-slice chunks straight into the chunk's buffer: no copy per tile.
 
 For each chunk of slices (sized to a memory budget): normalise, resample in-plane to the model spacing
 (cubic, clipped to the input's value range as nnU-Net's skimage resize clips it), pad to at least one
@@ -91,6 +92,75 @@ def padding_for(shape_yx: tuple[int, int], tile_size: tuple[int, int]) -> tuple[
     return tuple(pads)
 
 
+@dataclass(frozen=True)
+class TilePlan:
+    """How every slice of one in-plane shape and spacing becomes network tiles, and the tiles' logits a label map.
+
+    Shared by the numpy segmenter and the device one (model/segment_torch.py): resampling to the model
+    spacing or not, the centred padding up to a tile, nnU-Net's sliding-window offsets, and the
+    Gaussian blending weights (read-only arrays).
+    """
+
+    shape_yx: tuple[int, int]  # a slice of the input, in the model's frame
+    tile_yx: tuple[int, int]
+    resample: bool
+    model_shape_yx: tuple[int, int]  # the slice at the model's pixel spacing
+    pads: tuple[tuple[int, int], tuple[int, int]]  # (before, after) per axis, up to at least one tile
+    offsets: tuple[tuple[int, int], ...]  # tile origins (y, x) on the padded slice, nnU-Net's order
+    gaussian: np.ndarray  # (tile_y, tile_x) importance map
+    inverse_weight: np.ndarray  # (padded_y, padded_x) 1 / the sum of the Gaussians over the tiles
+
+    @classmethod
+    def of(cls, shape_yx: tuple[int, int], *, pixel_spacing_mm: tuple[float, float], card: ModelCard) -> "TilePlan":
+        tile = tuple(card.tile_size)
+        resample = needs_resampling(pixel_spacing_mm, card.pixel_spacing_mm)
+        model_shape = target_shape_yx(shape_yx, pixel_spacing_mm, card.pixel_spacing_mm) if resample else tuple(shape_yx)
+        pads = padding_for(model_shape, tile)
+        padded = tuple(s + p[0] + p[1] for s, p in zip(model_shape, pads))
+        steps = compute_steps(padded, tile, card.tile_step_size)
+        offsets = tuple((y, x) for y in steps[0] for x in steps[1])
+        gauss = gaussian_importance(tile, card.gaussian_sigma_scale)
+        weight = np.zeros(padded, dtype=np.float32)
+        for y, x in offsets:
+            weight[y : y + tile[0], x : x + tile[1]] += gauss
+        inverse_weight = np.float32(1.0) / weight
+        inverse_weight.setflags(write=False)
+        return cls(tuple(shape_yx), tile, resample, model_shape, pads, offsets, gauss, inverse_weight)
+
+    @property
+    def padded_yx(self) -> tuple[int, int]:
+        return tuple(s + p[0] + p[1] for s, p in zip(self.model_shape_yx, self.pads))
+
+    @property
+    def padding_needed(self) -> bool:
+        return any(p != (0, 0) for p in self.pads)
+
+    @property
+    def single_tile(self) -> bool:
+        """One tile covers the whole padded slice: the Gaussian cancels (nnU-Net multiplies by it and divides by the same sum)."""
+        return len(self.offsets) == 1 and self.padded_yx == self.tile_yx
+
+    @property
+    def divide(self) -> bool:
+        """Whether the blended logits must be divided by the weight sum: only to resample them back, and only
+        for several tiles (without resampling, the argmax of the weighted sum is that of the blend: a positive weight per pixel)."""
+        return self.resample and not self.single_tile
+
+    @property
+    def window_yx(self) -> tuple[slice, slice]:
+        """The slice's image inside the padding, on the padded grid."""
+        (top, _), (left, _) = self.pads
+        return slice(top, top + self.model_shape_yx[0]), slice(left, left + self.model_shape_yx[1])
+
+    def chunk_slices(self, n_slices: int, *, bytes_per_slice: int, chunk_bytes: int, batch_size: int) -> int:
+        """Slices per chunk under a memory budget, rounded down to whole batches of tiles where that is possible."""
+        chunk = max(1, min(n_slices, chunk_bytes // bytes_per_slice))
+        n_offsets = len(self.offsets)
+        if chunk >= n_offsets and batch_size > n_offsets:
+            chunk = max(1, (chunk * n_offsets // batch_size) * batch_size // n_offsets)
+        return chunk
+
+
 @dataclass
 class SegmentStats:
     """What segmenting a volume cost, per stage (seconds) and in network calls."""
@@ -127,50 +197,33 @@ def segment_volume(
         raise ValueError(f"expected a (z, y, x) volume, got shape {volume_zyx.shape}")
     stats = stats if stats is not None else SegmentStats()
     n_slices, height, width = volume_zyx.shape
-    tile = tuple(card.tile_size)
-    resample = needs_resampling(pixel_spacing_mm, card.pixel_spacing_mm)
-    model_shape = target_shape_yx((height, width), pixel_spacing_mm, card.pixel_spacing_mm) if resample else (height, width)
-    pads = padding_for(model_shape, tile)
-    padded = tuple(s + p[0] + p[1] for s, p in zip(model_shape, pads))
-    steps = compute_steps(padded, tile, card.tile_step_size)
-    offsets = [(y, x) for y in steps[0] for x in steps[1]]
-    gauss = gaussian_importance(tile, card.gaussian_sigma_scale)
-    weight = np.zeros(padded, dtype=np.float32)
-    for y, x in offsets:
-        weight[y : y + tile[0], x : x + tile[1]] += gauss
-    inverse_weight = np.float32(1.0) / weight
+    plan = TilePlan.of((height, width), pixel_spacing_mm=pixel_spacing_mm, card=card)
+    tile, offsets, padded = plan.tile_yx, plan.offsets, plan.padded_yx
     n_classes = card.num_classes
-    per_slice = n_classes * padded[0] * padded[1] * 4
-    chunk = max(1, min(n_slices, chunk_bytes // per_slice))
-    if chunk >= len(offsets) and batch_size > len(offsets):  # whole batches of tiles where possible
-        chunk = max(1, (chunk * len(offsets) // batch_size) * batch_size // len(offsets))
+    chunk = plan.chunk_slices(n_slices, bytes_per_slice=n_classes * padded[0] * padded[1] * 4, chunk_bytes=chunk_bytes, batch_size=batch_size)
     channel_labels = np.asarray(card.channel_labels, dtype=np.uint8)
     norm = card.normalization
     labels = np.empty(volume_zyx.shape, dtype=np.uint8)
     per_slice_bounds = clip_bounds_per_slice(slice_spacing_mm, pixel_spacing_mm, card.pixel_spacing_mm)
-    if resample and not per_slice_bounds:  # normalisation is monotone: the volume's bounds from its HU extremes
+    if plan.resample and not per_slice_bounds:  # normalisation is monotone: the volume's bounds from its HU extremes
         extremes = np.array([volume_zyx.min(), volume_zyx.max()], dtype=np.float32)
         volume_bounds = normalize_ct(extremes, clip_low=norm.clip_low, clip_high=norm.clip_high, mean=norm.mean, std=norm.std)
-    # One tile covering the whole (padded) slice: the Gaussian weight cancels (nnU-Net multiplies by it and
-    # divides by the same sum), so the logits are the network's own. Without resampling back, the argmax
-    # of the Gaussian-weighted sum is that of the blended logits (a positive weight per pixel): no division.
-    single_tile = len(offsets) == 1 and padded == tile
-    divide = resample and not single_tile
-    window = (slice(pads[0][0], pads[0][0] + model_shape[0]), slice(pads[1][0], pads[1][0] + model_shape[1]))  # the image inside the padding
+    single_tile = plan.single_tile
+    infer_into = getattr(network, "infer_into", None)  # optional: a runtime that writes logits into a given array
     buffer = np.empty((chunk, n_classes, *padded), dtype=np.float32)  # the chunk's logits, allocated once
 
     for part in iter_chunks(n_slices, chunk):
         started = time.perf_counter()
         data = normalize_ct(volume_zyx[part], clip_low=norm.clip_low, clip_high=norm.clip_high, mean=norm.mean, std=norm.std)
-        if resample:
+        if plan.resample:
             if per_slice_bounds:
                 low, high = data.min(axis=(1, 2))[:, None, None], data.max(axis=(1, 2))[:, None, None]
             else:
                 low, high = volume_bounds
-            data = resample_slices(data, model_shape, order=3)
+            data = resample_slices(data, plan.model_shape_yx, order=3)
             np.clip(data, low, high, out=data)  # as skimage's resize (nnU-Net's resampler) clips cubic overshoot
-        if any(p != (0, 0) for p in pads):
-            data = np.pad(data, ((0, 0), *pads), mode="constant", constant_values=0)
+        if plan.padding_needed:
+            data = np.pad(data, ((0, 0), *plan.pads), mode="constant", constant_values=0)
         stats.seconds["normalize_resample"] += time.perf_counter() - started
 
         logits = buffer[: data.shape[0]]
@@ -181,23 +234,27 @@ def segment_volume(
             batch_jobs = jobs[first : first + batch_size]
             batch = np.stack([data[s, y : y + tile[0], x : x + tile[1]] for s, y, x in batch_jobs])[:, None]
             started = time.perf_counter()
-            out = network(batch)
+            if single_tile and infer_into is not None:  # one tile per slice: the runtime writes the chunk's buffer itself
+                infer_into(batch, logits[batch_jobs[0][0] : batch_jobs[-1][0] + 1])
+            else:
+                out = network(batch)
             stats.seconds["network"] += time.perf_counter() - started
             stats.network_calls += 1
             stats.tiles += len(batch_jobs)
             started = time.perf_counter()
             if single_tile:
-                logits[batch_jobs[0][0] : batch_jobs[-1][0] + 1] = out
+                if infer_into is None:
+                    logits[batch_jobs[0][0] : batch_jobs[-1][0] + 1] = out
             else:
-                out *= gauss
+                out *= plan.gaussian
                 for (s, y, x), tile_logits in zip(batch_jobs, out):
                     logits[s, :, y : y + tile[0], x : x + tile[1]] += tile_logits
             stats.seconds["blend"] += time.perf_counter() - started
 
         started = time.perf_counter()
-        if divide:
-            logits *= inverse_weight
-        channels = resample_argmax(logits, (height, width), window_yx=window)
+        if plan.divide:
+            logits *= plan.inverse_weight
+        channels = resample_argmax(logits, (height, width), window_yx=plan.window_yx)
         labels[part] = channel_labels[channels]
         stats.seconds["resample_back_argmax"] += time.perf_counter() - started
         if progress is not None:

@@ -39,8 +39,8 @@ import numpy as np
 import torch
 
 from model.package import ModelCard
-from model.segment import SegmentStats, clip_bounds_per_slice, compute_steps, gaussian_importance, iter_chunks, padding_for
-from preprocess.resample import needs_resampling, spline_matrix, target_shape_yx
+from model.segment import SegmentStats, TilePlan, clip_bounds_per_slice, iter_chunks
+from preprocess.resample import linear_taps, spline_matrix
 
 DeviceNetwork = Callable[[torch.Tensor], torch.Tensor]
 
@@ -48,26 +48,6 @@ DeviceNetwork = Callable[[torch.Tensor], torch.Tensor]
 DEFAULT_DEVICE_CHUNK_BYTES = 1024**3
 #: dtypes the device converts itself; others are converted to float32 on the host first
 _UPLOADABLE = (np.float32, np.float64, np.int16, np.int32, np.uint8, np.int8)
-
-
-def cubic_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) float32 matrix of scipy's 1D cubic zoom (prefilter, mode nearest, grid_mode): the reference's own.
-
-    Column j is the zoom of the unit vector e_j (preprocess.resample.spline_matrix), so `matrix @ x`
-    equals that zoom of any x along the axis; the numpy segmenter multiplies by the same matrices.
-    """
-    return spline_matrix(n_in, n_out, 3)
-
-
-def linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices and weights of linear interpolation with pixel-centre (grid_mode) alignment, edges clamped.
-
-    The formula of preprocess.resample (tested equal through resample_linear).
-    """
-    source = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
-    low = np.floor(source).astype(np.int64)
-    high = np.minimum(low + 1, n_in - 1)
-    return low, high, (source - low).astype(np.float32)
 
 
 class _Clock:
@@ -196,19 +176,11 @@ def segment_volume_device(
     stats = stats if stats is not None else SegmentStats()
     clock = _Clock(device, stats)
     n_slices, height, width = volume_zyx.shape
-    tile = tuple(card.tile_size)
-    resample = needs_resampling(pixel_spacing_mm, card.pixel_spacing_mm)
-    model_shape = target_shape_yx((height, width), pixel_spacing_mm, card.pixel_spacing_mm) if resample else (height, width)
-    pads = padding_for(model_shape, tile)
-    padded = tuple(s + p[0] + p[1] for s, p in zip(model_shape, pads))
-    steps = compute_steps(padded, tile, card.tile_step_size)
-    offsets = [(y, x) for y in steps[0] for x in steps[1]]
-    gauss_host = gaussian_importance(tile, card.gaussian_sigma_scale)
-    weight = np.zeros(padded, dtype=np.float32)
-    for y, x in offsets:
-        weight[y : y + tile[0], x : x + tile[1]] += gauss_host
-    inverse_weight = torch.from_numpy(1.0 / weight).to(device)
-    gauss = torch.from_numpy(np.array(gauss_host)).to(device)
+    plan = TilePlan.of((height, width), pixel_spacing_mm=pixel_spacing_mm, card=card)
+    tile, offsets, padded, pads = plan.tile_yx, plan.offsets, plan.padded_yx, plan.pads
+    resample, model_shape = plan.resample, plan.model_shape_yx
+    inverse_weight = torch.from_numpy(np.array(plan.inverse_weight)).to(device)
+    gauss = torch.from_numpy(np.array(plan.gaussian)).to(device)
     n_classes = card.num_classes
     channel_labels = torch.as_tensor(card.channel_labels, dtype=torch.uint8, device=device)
     norm = card.normalization
@@ -217,13 +189,11 @@ def segment_volume_device(
 
     # one chunk: its logits on the model grid and, resampling back, the input grid (x first, then y)
     per_slice = n_classes * 4 * (padded[0] * padded[1] + (model_shape[0] * width + height * width if resample else 0))
-    chunk = max(1, min(n_slices, chunk_bytes // per_slice))
-    if chunk >= len(offsets) and batch_size > len(offsets):  # whole batches of tiles where possible
-        chunk = max(1, (chunk * len(offsets) // batch_size) * batch_size // len(offsets))
+    chunk = plan.chunk_slices(n_slices, bytes_per_slice=per_slice, chunk_bytes=chunk_bytes, batch_size=batch_size)
 
     if resample:
-        a_y = torch.from_numpy(np.array(cubic_matrix(height, model_shape[0]))).to(device)
-        a_xt = torch.from_numpy(np.ascontiguousarray(cubic_matrix(width, model_shape[1]).T)).to(device)
+        a_y = torch.from_numpy(np.array(spline_matrix(height, model_shape[0], 3))).to(device)
+        a_xt = torch.from_numpy(np.ascontiguousarray(spline_matrix(width, model_shape[1], 3).T)).to(device)
         ylo, yhi, wy = (torch.from_numpy(a).to(device) for a in linear_taps(model_shape[0], height))
         xlo, xhi, wx = (torch.from_numpy(a).to(device) for a in linear_taps(model_shape[1], width))
         wy = wy[:, None]
@@ -236,10 +206,7 @@ def segment_volume_device(
     offsets_y = torch.tensor([y for y, _ in offsets], device=device)
     offsets_x = torch.tensor([x for _, x in offsets], device=device)
 
-    # as the reference: one tile covering the whole padded slice needs no Gaussian (it cancels), and
-    # without resampling back the argmax of the weighted sum needs no division (a positive weight per pixel)
-    single_tile = len(offsets) == 1 and padded == tile
-    divide = resample and not single_tile
+    single_tile, divide = plan.single_tile, plan.divide  # as the reference (TilePlan)
 
     labels = np.empty(volume_zyx.shape, dtype=np.uint8)
     parts = list(iter_chunks(n_slices, chunk))
@@ -265,7 +232,7 @@ def segment_volume_device(
                             data = torch.maximum(torch.minimum(data, high), low)
                         else:
                             data.clamp_(volume_low, volume_high)
-                    if any(p != (0, 0) for p in pads):
+                    if plan.padding_needed:
                         data = torch.nn.functional.pad(data, (pads[1][0], pads[1][1], pads[0][0], pads[0][1]), value=0.0)
                     data = data.contiguous()
 
@@ -301,7 +268,7 @@ def segment_volume_device(
                 with clock("resample_back_argmax"):
                     if divide:
                         logits.mul_(inverse_weight)
-                    logits = logits[:, :, pads[0][0] : pads[0][0] + model_shape[0], pads[1][0] : pads[1][0] + model_shape[1]]
+                    logits = logits[:, :, plan.window_yx[0], plan.window_yx[1]]
                     if resample:
                         logits = logits[..., xlo] * (1 - wx) + logits[..., xhi] * wx
                         logits = logits[..., ylo, :] * (1 - wy) + logits[..., yhi, :] * wy

@@ -78,7 +78,7 @@ def argmax_channels(logits_ncyx: np.ndarray) -> np.ndarray:
     return index
 
 
-def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Source indices and weights of linear interpolation with pixel-centre (grid_mode) alignment, edges clamped."""
     source = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
     low = np.floor(source).astype(np.intp)
@@ -93,10 +93,10 @@ def resample_linear(stack: np.ndarray, shape_yx: tuple[int, int]) -> np.ndarray:
     """
     if tuple(stack.shape[-2:]) == tuple(shape_yx):
         return stack
-    low, high, weight = _linear_taps(stack.shape[-2], shape_yx[0])
+    low, high, weight = linear_taps(stack.shape[-2], shape_yx[0])
     w = weight[:, None]
     rows = stack[..., low, :] * (1 - w) + stack[..., high, :] * w
-    low, high, weight = _linear_taps(stack.shape[-1], shape_yx[1])
+    low, high, weight = linear_taps(stack.shape[-1], shape_yx[1])
     return rows[..., low] * (1 - weight) + rows[..., high] * weight
 
 
@@ -117,8 +117,8 @@ def resample_argmax(logits_ncyx: np.ndarray, shape_yx: tuple[int, int], *, windo
     window_shape = (rows.stop - rows.start, cols.stop - cols.start)
     if window_shape == tuple(shape_yx):
         return np.ascontiguousarray(coarse[:, rows, cols])
-    ylo, yhi, wy = _linear_taps(window_shape[0], shape_yx[0])
-    xlo, xhi, wx = _linear_taps(window_shape[1], shape_yx[1])
+    ylo, yhi, wy = linear_taps(window_shape[0], shape_yx[0])
+    xlo, xhi, wx = linear_taps(window_shape[1], shape_yx[1])
     ylo, yhi, xlo, xhi = ylo + rows.start, yhi + rows.start, xlo + cols.start, xhi + cols.start
     corners = [coarse[:, ys][:, :, xs] for ys in (ylo, yhi) for xs in (xlo, xhi)]
     out = corners[0].copy()

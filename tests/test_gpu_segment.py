@@ -16,7 +16,8 @@ torch = pytest.importorskip("torch", reason="the device segmenter needs torch")
 
 from model.package import ModelCard, Normalization  # noqa: E402
 from model.segment import SegmentStats, segment_volume  # noqa: E402
-from model.segment_torch import cubic_matrix, linear_taps, segment_volume_device  # noqa: E402
+from model.segment_torch import segment_volume_device  # noqa: E402
+from preprocess.resample import linear_taps, spline_matrix  # noqa: E402
 from preprocess.resample import resample_linear  # noqa: E402
 from tests.gpu_helpers import NO_CUDA_REASON, has_cuda  # noqa: E402
 from training.phantom import make_phantom  # noqa: E402
@@ -56,7 +57,7 @@ def test_cubic_matrices_reproduce_scipy_zoom_of_whole_slices():
     stack = np.random.default_rng(1).normal(size=(3, 47, 61)).astype(np.float32)
     expected = ndimage.zoom(stack, (1, 70 / 47, 41 / 61), order=3, mode="nearest", grid_mode=True)  # the independent oracle
     assert expected.shape == (3, 70, 41)
-    got = np.einsum("ij,njk,lk->nil", cubic_matrix(47, 70), stack.astype(np.float64), cubic_matrix(61, 41))
+    got = np.einsum("ij,njk,lk->nil", spline_matrix(47, 70, 3), stack.astype(np.float64), spline_matrix(61, 41, 3))
     np.testing.assert_allclose(got, expected, atol=2e-6)
 
 

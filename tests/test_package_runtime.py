@@ -87,6 +87,23 @@ def test_runtimes_check_their_named_input(demo_package, runner_class):
             runner(np.zeros((1, 1, tile[0], tile[1] + 1), np.float32))
 
 
+def test_openvino_writes_logits_into_the_callers_buffer_and_never_into_it_afterwards(demo_package, phantom_tiles):
+    tiles = phantom_tiles[:2]
+    with OpenVinoRunner(demo_package, threads=2) as runner:
+        expected = runner(tiles)
+        lent = np.full((2, 23, *demo_package.card.tile_size), np.nan, np.float32)
+        runner.infer_into(tiles, lent)
+        np.testing.assert_array_equal(lent, expected)  # the same request, the same numbers
+        kept = lent.copy()
+        again = runner(tiles[::-1].copy())  # a later plain call must not write through the lent array
+        np.testing.assert_array_equal(lent, kept)
+        np.testing.assert_array_equal(again, expected[::-1])
+        with pytest.raises(ValueError, match="buffer"):
+            runner.infer_into(tiles, np.empty((1, 23, *demo_package.card.tile_size), np.float32))
+        with pytest.raises(TypeError, match="C-contiguous"):
+            runner.infer_into(tiles, np.empty((2, 23, *demo_package.card.tile_size), np.float32).transpose(0, 1, 3, 2))
+
+
 def test_runtime_choice_is_explained():
     choice = choose_runtime("auto")
     assert choice.name in ("openvino", "onnxruntime", "torch-cuda") and choice.reason

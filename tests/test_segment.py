@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 
 from model.package import ModelCard, Normalization
-from model.segment import SegmentStats, compute_steps, gaussian_importance, padding_for, segment_volume
+from model.segment import SegmentStats, TilePlan, compute_steps, gaussian_importance, padding_for, segment_volume
 from preprocess.resample import resample_argmax, resample_linear, resample_slices, target_shape_yx
 
 NORM = Normalization("CT", clip_low=-1000.0, clip_high=1000.0, mean=0.0, std=100.0)
@@ -52,6 +52,51 @@ def test_gaussian_importance_is_nnunets():
 def test_padding_centres_small_slices():
     assert padding_for((20, 40), (32, 32)) == ((6, 6), (0, 0))
     assert padding_for((21, 32), (32, 32)) == ((5, 6), (0, 0))
+
+
+class WritingThresholdNetwork(ThresholdNetwork):
+    """ThresholdNetwork that can also write its logits into the caller's array (as OpenVinoRunner.infer_into)."""
+
+    def __init__(self):
+        super().__init__()
+        self.written = 0
+
+    def infer_into(self, batch: np.ndarray, out: np.ndarray) -> None:
+        self.written += batch.shape[0]
+        out[...] = self(batch)
+
+
+@pytest.mark.parametrize("shape, spacing", [((5, 30, 30), 0.9), ((4, 70, 90), 1.0)], ids=["one-tile", "tiled"])
+def test_a_network_that_writes_into_the_buffer_gives_the_same_labels(shape, spacing):
+    volume = ndimage.gaussian_filter(np.random.default_rng(7).normal(0, 300, shape), (0, 3, 3)).astype(np.float32)
+    writing, plain = WritingThresholdNetwork(), ThresholdNetwork()
+    got = segment_volume(volume, pixel_spacing_mm=(spacing, spacing), card=_card(), network=writing, batch_size=2)
+    expected = segment_volume(volume, pixel_spacing_mm=(spacing, spacing), card=_card(), network=plain, batch_size=2)
+    np.testing.assert_array_equal(got, expected)
+    assert writing.written == (shape[0] if shape[1] < 32 else 0)  # used for one tile per slice only
+
+
+def test_tile_plan_pads_tiles_and_weights_a_slice_as_nnunet():
+    plan = TilePlan.of((20, 40), pixel_spacing_mm=(1.0, 1.0), card=_card())
+    assert not plan.resample and plan.model_shape_yx == (20, 40) and plan.pads == ((6, 6), (0, 0)) and plan.padded_yx == (32, 40)
+    assert plan.offsets == ((0, 0), (0, 8)) and not plan.single_tile and not plan.divide
+    window = np.zeros(plan.padded_yx, bool)
+    window[plan.window_yx] = True
+    assert window.sum() == 20 * 40 and window[6:26].all()
+    total = np.zeros(plan.padded_yx)  # the Gaussians summed over the tiles, times inverse_weight, is 1 everywhere
+    for y, x in plan.offsets:
+        total[y : y + 32, x : x + 32] += plan.gaussian
+    np.testing.assert_allclose(total * plan.inverse_weight, 1.0, rtol=1e-6)
+    with pytest.raises(ValueError):
+        plan.inverse_weight[0, 0] = 1.0  # read-only: one plan may serve several volumes
+
+
+def test_tile_plan_resamples_and_covers_one_tile():
+    plan = TilePlan.of((30, 30), pixel_spacing_mm=(0.9, 0.9), card=_card())
+    assert plan.resample and plan.model_shape_yx == (27, 27) and plan.padded_yx == (32, 32) and plan.single_tile and not plan.divide
+    assert plan.chunk_slices(100, bytes_per_slice=10, chunk_bytes=95, batch_size=4) == 8  # 9 fit, rounded to whole batches of 4 tiles
+    several = TilePlan.of((70, 90), pixel_spacing_mm=(1.0, 1.0), card=_card())
+    assert len(several.offsets) == 4 * 5 and several.chunk_slices(100, bytes_per_slice=10, chunk_bytes=1000, batch_size=16) == 100
 
 
 @pytest.mark.parametrize("shape", [(3, 70, 90), (2, 20, 25), (4, 32, 32)], ids=["tiled", "padded", "exact"])
@@ -108,13 +153,13 @@ def test_resample_argmax_equals_argmax_of_resampled_logits():
 def test_resample_argmax_is_exact_against_the_same_float32_interpolation_of_every_channel():
     # oracle: every channel interpolated (x first, then y, float32, as the boundary pass does), then np.argmax;
     # quantised logits make exact ties, where the first maximum must win as in np.argmax
-    from preprocess.resample import _linear_taps
+    from preprocess.resample import linear_taps
 
     rng = np.random.default_rng(5)
     logits = np.round(ndimage.gaussian_filter(rng.normal(size=(2, 7, 33, 41)), (0, 0, 2, 2)) * 8).astype(np.float32) / 8
     for shape in ((70, 90), (20, 25), (33, 60)):
-        ylo, yhi, fy = _linear_taps(33, shape[0])
-        xlo, xhi, fx = _linear_taps(41, shape[1])
+        ylo, yhi, fy = linear_taps(33, shape[0])
+        xlo, xhi, fx = linear_taps(41, shape[1])
         rows_lo, rows_hi = logits[:, :, ylo], logits[:, :, yhi]
         top = rows_lo[..., xlo] * (1 - fx) + rows_lo[..., xhi] * fx
         bottom = rows_hi[..., xlo] * (1 - fx) + rows_hi[..., xhi] * fx
