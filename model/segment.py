@@ -9,7 +9,9 @@ For each chunk of slices (sized to a memory budget): normalise, resample in-plan
 (cubic, clipped to the input's value range as nnU-Net's skimage resize clips it), pad to at least one
 tile (constant 0 after normalisation, centred, as nnU-Net pads), cut overlapping tiles at nnU-Net's
 sliding-window steps, run them in batches that span slices, blend the logits with nnU-Net's Gaussian
-importance map, and take the argmax of the linearly resampled logits on the input grid. No mirroring:
+importance map, and take the argmax of the linearly resampled logits on the input grid (in a worker
+thread, overlapping the next chunk's network calls: 15 % faster per slice on 2 cores where the logits
+are resampled back, docs/benchmarks.md). No mirroring:
 a flip would swap left and right muscles. The probability volume of all classes exists only for one
 chunk at a time.
 """
@@ -17,6 +19,8 @@ chunk at a time.
 from __future__ import annotations
 
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Iterator
@@ -170,6 +174,12 @@ class SegmentStats:
     network_calls: int = 0
 
 
+def _done(result) -> Future:
+    future: Future = Future()
+    future.set_result(result)
+    return future
+
+
 def iter_chunks(n_slices: int, chunk: int) -> Iterator[slice]:
     for start in range(0, n_slices, chunk):
         yield slice(start, min(n_slices, start + chunk))
@@ -186,12 +196,16 @@ def segment_volume(
     progress: Callable[[int], None] | None = None,
     stats: SegmentStats | None = None,
     slice_spacing_mm: float | None = None,
+    overlap: bool = True,
 ) -> np.ndarray:
     """Label map (uint8, canonical label values) of a HU volume given in the model's frame.
 
     `pixel_spacing_mm` is the (x, y) spacing of `volume_zyx`; `progress(n)` is called with each
     finished number of slices. `slice_spacing_mm` (the spacing between slices) decides, as in nnU-Net,
-    whether the resampled image is clipped to each slice's value range or to the volume's.
+    whether the resampled image is clipped to each slice's value range or to the volume's. `overlap`
+    (the default) resamples back and takes the argmax of each chunk in a worker thread while the next
+    chunk goes through the network (numpy and the runtimes release the GIL), in two half-size logits
+    buffers, so memory stays within `chunk_bytes`; the labels are the same either way (tested).
     """
     if volume_zyx.ndim != 3:
         raise ValueError(f"expected a (z, y, x) volume, got shape {volume_zyx.shape}")
@@ -200,7 +214,9 @@ def segment_volume(
     plan = TilePlan.of((height, width), pixel_spacing_mm=pixel_spacing_mm, card=card)
     tile, offsets, padded = plan.tile_yx, plan.offsets, plan.padded_yx
     n_classes = card.num_classes
-    chunk = plan.chunk_slices(n_slices, bytes_per_slice=n_classes * padded[0] * padded[1] * 4, chunk_bytes=chunk_bytes, batch_size=batch_size)
+    n_buffers = 2 if overlap else 1  # overlap: chunk k's argmax in a worker while chunk k+1 runs, in two half-size buffers
+    chunk = plan.chunk_slices(n_slices, bytes_per_slice=n_classes * padded[0] * padded[1] * 4, chunk_bytes=chunk_bytes // n_buffers,
+                              batch_size=batch_size)
     channel_labels = np.asarray(card.channel_labels, dtype=np.uint8)
     norm = card.normalization
     labels = np.empty(volume_zyx.shape, dtype=np.uint8)
@@ -210,53 +226,73 @@ def segment_volume(
         volume_bounds = normalize_ct(extremes, clip_low=norm.clip_low, clip_high=norm.clip_high, mean=norm.mean, std=norm.std)
     single_tile = plan.single_tile
     infer_into = getattr(network, "infer_into", None)  # optional: a runtime that writes logits into a given array
-    buffer = np.empty((chunk, n_classes, *padded), dtype=np.float32)  # the chunk's logits, allocated once
+    buffers = [np.empty((chunk, n_classes, *padded), dtype=np.float32) for _ in range(n_buffers)]  # the chunks' logits, allocated once
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trunkseg-argmax") if overlap else None
+    pending: deque[Future] = deque()
 
-    for part in iter_chunks(n_slices, chunk):
-        started = time.perf_counter()
-        data = normalize_ct(volume_zyx[part], clip_low=norm.clip_low, clip_high=norm.clip_high, mean=norm.mean, std=norm.std)
-        if plan.resample:
-            if per_slice_bounds:
-                low, high = data.min(axis=(1, 2))[:, None, None], data.max(axis=(1, 2))[:, None, None]
-            else:
-                low, high = volume_bounds
-            data = resample_slices(data, plan.model_shape_yx, order=3)
-            np.clip(data, low, high, out=data)  # as skimage's resize (nnU-Net's resampler) clips cubic overshoot
-        if plan.padding_needed:
-            data = np.pad(data, ((0, 0), *plan.pads), mode="constant", constant_values=0)
-        stats.seconds["normalize_resample"] += time.perf_counter() - started
-
-        logits = buffer[: data.shape[0]]
-        if not single_tile:
-            logits.fill(0)
-        jobs = [(s, y, x) for s in range(data.shape[0]) for y, x in offsets]
-        for first in range(0, len(jobs), batch_size):
-            batch_jobs = jobs[first : first + batch_size]
-            batch = np.stack([data[s, y : y + tile[0], x : x + tile[1]] for s, y, x in batch_jobs])[:, None]
-            started = time.perf_counter()
-            if single_tile and infer_into is not None:  # one tile per slice: the runtime writes the chunk's buffer itself
-                infer_into(batch, logits[batch_jobs[0][0] : batch_jobs[-1][0] + 1])
-            else:
-                out = network(batch)
-            stats.seconds["network"] += time.perf_counter() - started
-            stats.network_calls += 1
-            stats.tiles += len(batch_jobs)
-            started = time.perf_counter()
-            if single_tile:
-                if infer_into is None:
-                    logits[batch_jobs[0][0] : batch_jobs[-1][0] + 1] = out
-            else:
-                out *= plan.gaussian
-                for (s, y, x), tile_logits in zip(batch_jobs, out):
-                    logits[s, :, y : y + tile[0], x : x + tile[1]] += tile_logits
-            stats.seconds["blend"] += time.perf_counter() - started
-
+    def finish(logits: np.ndarray, part: slice) -> int:
         started = time.perf_counter()
         if plan.divide:
             logits *= plan.inverse_weight
         channels = resample_argmax(logits, (height, width), window_yx=plan.window_yx)
         labels[part] = channel_labels[channels]
         stats.seconds["resample_back_argmax"] += time.perf_counter() - started
-        if progress is not None:
-            progress(part.stop - part.start)
+        return part.stop - part.start
+
+    def collect(keep: int) -> None:  # wait until at most `keep` chunks are still being finished
+        while len(pending) > keep:
+            done = pending.popleft().result()
+            if progress is not None:
+                progress(done)
+
+    try:
+        for index, part in enumerate(iter_chunks(n_slices, chunk)):
+            started = time.perf_counter()
+            data = normalize_ct(volume_zyx[part], clip_low=norm.clip_low, clip_high=norm.clip_high, mean=norm.mean, std=norm.std)
+            if plan.resample:
+                if per_slice_bounds:
+                    low, high = data.min(axis=(1, 2))[:, None, None], data.max(axis=(1, 2))[:, None, None]
+                else:
+                    low, high = volume_bounds
+                data = resample_slices(data, plan.model_shape_yx, order=3)
+                np.clip(data, low, high, out=data)  # as skimage's resize (nnU-Net's resampler) clips cubic overshoot
+            if plan.padding_needed:
+                data = np.pad(data, ((0, 0), *plan.pads), mode="constant", constant_values=0)
+            stats.seconds["normalize_resample"] += time.perf_counter() - started
+
+            collect(keep=n_buffers - 1)  # this chunk's buffer is free again
+            logits = buffers[index % n_buffers][: data.shape[0]]
+            if not single_tile:
+                logits.fill(0)
+            jobs = [(s, y, x) for s in range(data.shape[0]) for y, x in offsets]
+            for first in range(0, len(jobs), batch_size):
+                batch_jobs = jobs[first : first + batch_size]
+                batch = np.stack([data[s, y : y + tile[0], x : x + tile[1]] for s, y, x in batch_jobs])[:, None]
+                started = time.perf_counter()
+                if single_tile and infer_into is not None:  # one tile per slice: the runtime writes the chunk's buffer itself
+                    infer_into(batch, logits[batch_jobs[0][0] : batch_jobs[-1][0] + 1])
+                else:
+                    out = network(batch)
+                stats.seconds["network"] += time.perf_counter() - started
+                stats.network_calls += 1
+                stats.tiles += len(batch_jobs)
+                started = time.perf_counter()
+                if single_tile:
+                    if infer_into is None:
+                        logits[batch_jobs[0][0] : batch_jobs[-1][0] + 1] = out
+                else:
+                    out *= plan.gaussian
+                    for (s, y, x), tile_logits in zip(batch_jobs, out):
+                        logits[s, :, y : y + tile[0], x : x + tile[1]] += tile_logits
+                stats.seconds["blend"] += time.perf_counter() - started
+
+            if pool is None:
+                pending.append(_done(finish(logits, part)))
+            else:
+                pending.append(pool.submit(finish, logits, part))
+            collect(keep=n_buffers - 1)
+        collect(keep=0)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     return labels

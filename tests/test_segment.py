@@ -76,6 +76,17 @@ def test_a_network_that_writes_into_the_buffer_gives_the_same_labels(shape, spac
     assert writing.written == (shape[0] if shape[1] < 32 else 0)  # used for one tile per slice only
 
 
+@pytest.mark.parametrize("shape, spacing", [((9, 30, 30), 0.9), ((7, 70, 90), 0.8)], ids=["one-tile-resampled", "tiled-resampled"])
+def test_argmax_overlapped_with_the_network_gives_the_same_labels_and_progress(shape, spacing):
+    volume = ndimage.gaussian_filter(np.random.default_rng(8).normal(0, 300, shape), (0, 3, 3)).astype(np.float32)
+    chunk_bytes = 2 * 3 * 2 * 32 * 32 * 4 * 4  # a few slices per chunk, so that several chunks overlap
+    done = {True: [], False: []}
+    got = {overlap: segment_volume(volume, pixel_spacing_mm=(spacing, spacing), card=_card(), network=ThresholdNetwork(), batch_size=2,
+                                   chunk_bytes=chunk_bytes, progress=done[overlap].append, overlap=overlap) for overlap in (True, False)}
+    np.testing.assert_array_equal(got[True], got[False])
+    assert sum(done[True]) == sum(done[False]) == shape[0] and len(done[True]) > 1
+
+
 def test_tile_plan_pads_tiles_and_weights_a_slice_as_nnunet():
     plan = TilePlan.of((20, 40), pixel_spacing_mm=(1.0, 1.0), card=_card())
     assert not plan.resample and plan.model_shape_yx == (20, 40) and plan.pads == ((6, 6), (0, 0)) and plan.padded_yx == (32, 40)
