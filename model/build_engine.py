@@ -32,15 +32,11 @@ def check_graphs(package, *, precision: str, log) -> int:
     with tempfile.TemporaryDirectory(prefix="trunkseg-fp16-") as work:
         if precision == "fp16":
             import torch
-            from safetensors.torch import load_model
-
             from model.export_fp16 import export_onnx_fp16
-            from model.network import build_network
+            from model.network import load_package_network
 
             card = package.card
-            network = build_network(network_class_name=card.network_class_name, arch_kwargs=card.arch_kwargs,
-                                    input_channels=card.input_channels, num_classes=card.num_classes)
-            load_model(network, str(package.path_of("weights")))
+            network = load_package_network(package)
             with torch.no_grad():
                 graphs.append(export_onnx_fp16(network, Path(work) / "fp16.onnx", input_channels=card.input_channels, tile_size=tuple(card.tile_size)))
         failures = 0

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from model.package import ModelPackage
-from preprocess.errors import ModelPackageError, RuntimeUnavailableError
+from preprocess.errors import RuntimeUnavailableError
 
 PRECISIONS = ("fp16", "fp32")
 
@@ -92,23 +92,12 @@ class TorchCudaRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
 
     def __enter__(self) -> "TorchCudaRunner":
-        from safetensors.torch import load_model
-
-        from model.network import build_network
+        from model.network import load_package_network
 
         if not torch.cuda.is_available():
             raise RuntimeUnavailableError("torch-cuda: no CUDA GPU visible to torch")
         self.device = torch.device(self.device)
-        card = self.package.card
-        network = build_network(network_class_name=card.network_class_name, arch_kwargs=card.arch_kwargs,
-                                input_channels=card.input_channels, num_classes=card.num_classes)
-        path = self.package.path_of("weights")
-        try:
-            missing, unexpected = load_model(network, str(path), strict=False)
-        except Exception as error:  # safetensors raises several types for corrupt files
-            raise ModelPackageError(f"{path}: cannot load weights ({str(error)[:200]})") from None
-        if missing or unexpected:
-            raise ModelPackageError(f"{path}: weights do not fit the architecture (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        network = load_package_network(self.package)
         if self.precision == "fp16":
             float32_norms(network)
         torch.backends.cudnn.benchmark = True  # fixed tile shape: pick the fastest convolution once

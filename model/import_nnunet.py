@@ -306,8 +306,6 @@ def frame_of(*, option: str | None, training_image: Path | None, dataset: dict, 
 
 
 def frame_of_image(path: Path) -> str:
-    import SimpleITK as sitk
-
     from preprocess.geometry import Geometry
     from preprocess.io import read_image
 

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
-from model.package import NNUNET_LAYERS
+from model.package import NNUNET_LAYERS, ModelPackage
 from preprocess.errors import ModelPackageError
 
 NETWORK_CLASSES = {
@@ -96,3 +96,23 @@ def build_network(
         kwargs[key] = _IMPORTABLE[name]
     kwargs.pop("_kw_requires_import", None)
     return network_class(input_channels=input_channels, num_classes=num_classes, deep_supervision=False, **kwargs)
+
+
+def load_package_network(package: ModelPackage) -> torch.nn.Module:
+    """The network a package's card describes, with the package's safetensors weights (never a pickle), in eval mode.
+
+    A weights file that does not load, or does not fit the architecture key for key, is a ModelPackageError.
+    """
+    card = package.card
+    network = build_network(network_class_name=card.network_class_name, arch_kwargs=card.arch_kwargs,
+                            input_channels=card.input_channels, num_classes=card.num_classes)
+    from safetensors.torch import load_model
+
+    path = package.path_of("weights")
+    try:
+        missing, unexpected = load_model(network, str(path), strict=False)
+    except Exception as error:  # safetensors raises several types for corrupt files
+        raise ModelPackageError(f"{path}: cannot load weights ({str(error)[:200]})") from None
+    if missing or unexpected:
+        raise ModelPackageError(f"{path}: weights do not fit the architecture (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    return network.eval()

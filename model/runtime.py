@@ -230,24 +230,12 @@ class TorchRunner:
 
     def __enter__(self) -> "TorchRunner":
         import torch
-        from safetensors.torch import load_model
 
-        from model.network import build_network
+        from model.network import load_package_network
 
         if self.threads:
             torch.set_num_threads(self.threads)
-        card = self.package.card
-        network = build_network(
-            network_class_name=card.network_class_name, arch_kwargs=card.arch_kwargs,
-            input_channels=card.input_channels, num_classes=card.num_classes,
-        )
-        path = self.package.path_of("weights")
-        try:
-            missing, unexpected = load_model(network, str(path), strict=False)
-        except Exception as error:  # safetensors raises several types for corrupt files
-            raise ModelPackageError(f"{path}: cannot load weights ({str(error)[:200]})") from None
-        if missing or unexpected:
-            raise ModelPackageError(f"{path}: weights do not fit the architecture (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        network = load_package_network(self.package)
         memory_format = torch.channels_last if self.precision != "fp32" else torch.contiguous_format
         self.network = network.eval().to(self.device, memory_format=memory_format)
         self._torch = torch

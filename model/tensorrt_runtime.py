@@ -295,17 +295,12 @@ def onnx_for_build(package: ModelPackage, key: EngineKey, cache_dir: Path, *, lo
     if path.is_file():
         return path
     import torch
-    from safetensors.torch import load_model
 
     from model.export_fp16 import export_onnx_fp16
-    from model.network import build_network
+    from model.network import load_package_network
 
     card = package.card
-    network = build_network(network_class_name=card.network_class_name, arch_kwargs=card.arch_kwargs,
-                            input_channels=card.input_channels, num_classes=card.num_classes)
-    missing, unexpected = load_model(network, str(package.path_of("weights")), strict=False)
-    if missing or unexpected:
-        raise ModelPackageError(f"{package.path_of('weights')}: weights do not fit the architecture")
+    network = load_package_network(package)
     log(f"tensorrt: exporting the float16 ONNX (float32 normalisation layers) for a strongly typed build -> {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".partial-{os.getpid()}-{path.name}")
