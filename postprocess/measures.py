@@ -91,18 +91,14 @@ def measure_slices(labels_zyx: np.ndarray, hu_zyx: np.ndarray, geometry: Geometr
     hu = frame.view(hu_zyx)
     n_slices, n = labels.shape[0], NUM_CLASSES
     sx, sy, _ = frame.spacing_mm
-    sums = {key: np.zeros((n_slices, n)) for key in ("voxels", "hu_sum", "hu_sq_sum", "fat_voxels", "x_sum_mm", "y_sum_mm")}
+    sums = {key: np.zeros((n_slices, n)) for key in SUM_NAMES}
     for start in range(0, n_slices, _CHUNK_SLICES):
         stop = min(start + _CHUNK_SLICES, n_slices)
-        chunk = labels[start:stop]
-        z, y, x = np.nonzero(chunk)
-        values = chunk[z, y, x].astype(np.int64)
-        h = hu[start:stop][z, y, x].astype(np.float64)
-        keys = z * n + values
-        size = (stop - start) * n
-        for name, weights in (("voxels", None), ("hu_sum", h), ("hu_sq_sum", h * h), ("fat_voxels", (h < FAT_THRESHOLD_HU).astype(np.float64)),
-                              ("x_sum_mm", x * sx), ("y_sum_mm", y * sy)):
-            sums[name][start:stop] = np.bincount(keys, weights=weights, minlength=size).reshape(stop - start, n)
+        chunk, hu_chunk = labels[start:stop], hu[start:stop]
+        dense = np.count_nonzero(chunk) > _DENSE_FRACTION * chunk.size
+        chunk_sums = (_slice_sums_dense if dense else _slice_sums_sparse)(chunk, hu_chunk, n_labels=n, pixel_mm=(sx, sy))
+        for name, values in chunk_sums.items():
+            sums[name][start:stop] = values
     if vertebrae_zyx is None:
         slice_level = np.zeros(n_slices, dtype=np.int64)
         centres = np.full((n_slices, 2), np.nan)
@@ -113,6 +109,47 @@ def measure_slices(labels_zyx: np.ndarray, hu_zyx: np.ndarray, geometry: Geometr
         slice_level = majority_per_slice(vertebrae, len(LEVEL_ORDER))
         centres = body_centres_mm(vertebrae, slice_level, pixel_spacing_mm=(sx, sy))
     return SliceMeasures(frame=frame, slice_level=slice_level, body_centre_mm=centres, levels_known=vertebrae_zyx is not None, **sums)
+
+
+SUM_NAMES = ("voxels", "hu_sum", "hu_sq_sum", "fat_voxels", "x_sum_mm", "y_sum_mm")
+#: above this fraction of muscle voxels in a chunk, sums over all voxels beat gathering the muscle voxels first
+_DENSE_FRACTION = 0.25
+
+
+def _slice_sums_sparse(labels: np.ndarray, hu: np.ndarray, *, n_labels: int, pixel_mm: tuple[float, float]) -> dict[str, np.ndarray]:
+    """(slices, n_labels) sums over the muscle voxels only, gathered with np.nonzero: the fast way for a few percent of muscle."""
+    z, y, x = np.nonzero(labels)
+    keys = z * n_labels + labels[z, y, x].astype(np.int64)
+    h = hu[z, y, x].astype(np.float64)
+    size = labels.shape[0] * n_labels
+    weights = {"voxels": None, "hu_sum": h, "hu_sq_sum": h * h, "fat_voxels": (h < FAT_THRESHOLD_HU).astype(np.float64),
+               "x_sum_mm": x * pixel_mm[0], "y_sum_mm": y * pixel_mm[1]}
+    return {name: np.bincount(keys, weights=w, minlength=size).reshape(-1, n_labels) for name, w in weights.items()}
+
+
+def _slice_sums_dense(labels: np.ndarray, hu: np.ndarray, *, n_labels: int, pixel_mm: tuple[float, float]) -> dict[str, np.ndarray]:
+    """The same sums over every voxel, background dropped at the end: no gathers, and the coordinate sums as counts
+    per (slice, label, column) and (slice, label, row) times the column and row positions. 3-4x faster where most
+    voxels are muscle (a random network's output, a tightly cropped scan), and less memory than the gathers."""
+    n_slices, height, width = labels.shape
+    size = n_slices * n_labels
+    key = labels.astype(np.int32) + (np.arange(n_slices, dtype=np.int32) * n_labels)[:, None, None]
+    flat = key.ravel()
+    h = hu.astype(np.float64).ravel()
+    out = {"voxels": np.bincount(flat, minlength=size), "hu_sum": np.bincount(flat, weights=h, minlength=size),
+           "fat_voxels": np.bincount(flat[h < FAT_THRESHOLD_HU], minlength=size)}
+    np.multiply(h, h, out=h)
+    out["hu_sq_sum"] = np.bincount(flat, weights=h, minlength=size)
+    del h
+    columns = np.bincount((key * width + np.arange(width, dtype=np.int32)).ravel(), minlength=size * width).reshape(size, width)
+    out["x_sum_mm"] = columns @ (np.arange(width) * pixel_mm[0])
+    del columns
+    rows = np.bincount((key * height + np.arange(height, dtype=np.int32)[:, None]).ravel(), minlength=size * height).reshape(size, height)
+    out["y_sum_mm"] = rows @ (np.arange(height) * pixel_mm[1])
+    out = {name: values.astype(np.float64).reshape(n_slices, n_labels) for name, values in out.items()}
+    for values in out.values():
+        values[:, 0] = 0  # background: not a muscle (the sparse sums never see it)
+    return out
 
 
 def _side_sign() -> np.ndarray:

@@ -93,6 +93,30 @@ def test_slice_sums_agree_with_a_per_label_mask_oracle():
             assert m.y_sum_mm[k, value] / m.voxels[k, value] == pytest.approx(ys.mean() * sy)
 
 
+def test_dense_label_maps_take_the_all_voxel_sums_and_agree_with_the_oracle_and_the_sparse_sums():
+    # a random network's output: nearly every voxel is some muscle; stored in a flipped frame, so the views are strided
+    from postprocess.measures import SUM_NAMES, _slice_sums_dense, _slice_sums_sparse
+
+    rng = np.random.default_rng(11)
+    labels = rng.integers(0, NUM_CLASSES, size=(3, 40, 50)).astype(np.uint8)
+    hu = rng.normal(0, 60, size=labels.shape).astype(np.int16)
+    sparse = _slice_sums_sparse(labels[:, ::-1], hu[:, ::-1], n_labels=NUM_CLASSES, pixel_mm=(0.7, 0.9))
+    dense = _slice_sums_dense(labels[:, ::-1], hu[:, ::-1], n_labels=NUM_CLASSES, pixel_mm=(0.7, 0.9))
+    for name in SUM_NAMES:
+        np.testing.assert_allclose(dense[name], sparse[name], rtol=1e-12, err_msg=name)
+    geometry = Geometry(size_xyz=(50, 40, 3), spacing_mm=(0.7, 0.9, 2.0), origin_mm=(0.0, 0.0, 0.0), direction=LPS)
+    m = measure_slices(labels, hu, geometry)  # > 25 % muscle voxels: the dense path
+    for k in range(3):
+        for value in (1, 9, NUM_CLASSES - 1):
+            mask = labels[k] == value
+            ys, xs = np.nonzero(mask)
+            h = hu[k][mask].astype(np.float64)
+            assert m.voxels[k, value] == mask.sum() and m.hu_sum[k, value] == pytest.approx(h.sum())
+            assert m.hu_sq_sum[k, value] == pytest.approx((h * h).sum()) and m.fat_voxels[k, value] == (h < FAT_THRESHOLD_HU).sum()
+            assert m.x_sum_mm[k, value] == pytest.approx(xs.sum() * 0.7) and m.y_sum_mm[k, value] == pytest.approx(ys.sum() * 0.9)
+    assert not m.voxels[:, 0].any() and not m.hu_sum[:, 0].any()  # background is no muscle
+
+
 def test_body_centre_ignores_the_spinous_process_and_moment_arms_are_signed_by_side():
     labels, hu, vertebrae, geometry, truth = _phantom()
     m = measure_slices(labels, hu, geometry, vertebrae_zyx=vertebrae * (LEVEL_ORDER.index("L3") + 1))
