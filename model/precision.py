@@ -33,12 +33,15 @@ PRECISIONS = ("auto", "fp32", "bf16", "int8")
 MIN_VOXEL_AGREEMENT = 0.999
 MIN_DICE = 0.99
 MIN_VOXELS_FOR_DICE = 100
-#: per CPU runtime, its reduced-precision modes from fastest to slowest (measured on dev-2c, docs/benchmarks.md)
+#: per CPU runtime, its reduced-precision modes from fastest to slowest on a CPU with AMX (dev-2c, docs/benchmarks.md)
 SPEED_ORDER = {
     "openvino": ("bf16", "int8"),
     "onnxruntime": ("int8",),
     "torch-cpu": ("bf16",),
 }
+#: the same without AMX: with AVX512-BF16 and VNNI alone (dev-2c-amd, EPYC Zen 4) OpenVINO's int8 ran about 10 %
+#: faster than its bf16 on both the demo and the paper-sized network; without native bf16 only int8 is left anyway
+SPEED_ORDER_WITHOUT_AMX = {**SPEED_ORDER, "openvino": ("int8", "bf16")}
 #: the phantoms agreement is measured on (held out from the int8 calibration seeds in model/quantize.py)
 AGREEMENT_SEEDS = (424_242, 424_243, 424_244)
 
@@ -67,7 +70,7 @@ def choose_precision(requested: str, *, runtime: str, card: ModelCard) -> Precis
             return PrecisionChoice(requested, f"requested; agrees with fp32 on this model (min Dice {record['min_dice']:.4f})", True)
         what = "does NOT agree with fp32 on this model" if record else "has no recorded agreement with fp32 for this model"
         return PrecisionChoice(requested, f"requested on the command line; {runner_key(runtime, requested)} {what}", False)
-    for mode in SPEED_ORDER.get(runtime, ()):
+    for mode in speed_order(runtime):
         record = records.get(runner_key(runtime, mode))
         if record and record.get("holds") and mode_available(runtime, mode, card):
             return PrecisionChoice(mode, f"fastest mode of {runtime} that agrees with fp32 on this model "
@@ -84,12 +87,26 @@ def mode_available(runtime: str, mode: str, card: ModelCard) -> bool:
     return True
 
 
-def cpu_has_native_bf16() -> bool:
+def speed_order(runtime: str) -> tuple[str, ...]:
+    """`runtime`'s reduced-precision modes, fastest first on this CPU."""
+    return (SPEED_ORDER if cpu_has_amx() else SPEED_ORDER_WITHOUT_AMX).get(runtime, ())
+
+
+def _cpu_flags() -> set[str]:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def cpu_has_native_bf16() -> bool:
+    flags = _cpu_flags()
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def cpu_has_amx() -> bool:
+    return "amx_bf16" in _cpu_flags()
 
 
 # --- measuring agreement -----------------------------------------------------------------------------

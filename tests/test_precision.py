@@ -93,6 +93,21 @@ def test_auto_precision_takes_only_a_mode_recorded_as_agreeing(demo_package):
     assert choose_precision("auto", runtime="openvino", card=_with_record(card, "openvino-int8", holds=True)).name == "fp32"
 
 
+def test_auto_takes_the_fastest_holding_mode_for_this_kind_of_cpu(demo_package, monkeypatch):
+    import model.precision as precision
+
+    records = {key: {"holds": True, "voxel_agreement": 0.9999, "min_dice": 0.995} for key in ("openvino-bf16", "openvino-int8")}
+    card = replace(demo_package.card, precision_agreement=records,
+                   files={**demo_package.card.files, "onnx_int8": {"path": "model.int8.onnx", "sha256": "0" * 64}})
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_amx", lambda: True)  # AMX: bf16 is the fastest (dev-2c)
+    assert choose_precision("auto", runtime="openvino", card=card).name == "bf16"
+    monkeypatch.setattr(precision, "cpu_has_amx", lambda: False)  # AVX512-BF16 without AMX: int8 (dev-2c-amd)
+    assert choose_precision("auto", runtime="openvino", card=card).name == "int8"
+    card = replace(card, precision_agreement={"openvino-bf16": records["openvino-bf16"], "openvino-int8": {**records["openvino-int8"], "holds": False}})
+    assert choose_precision("auto", runtime="openvino", card=card).name == "bf16"  # the faster one does not hold: the next
+
+
 def test_an_explicit_precision_runs_and_says_whether_it_was_verified(demo_package):
     card = replace(demo_package.card, precision_agreement={})
     choice = choose_precision("bf16", runtime="openvino", card=card)
