@@ -38,7 +38,8 @@ from preprocess.errors import LimitError, OutputError, TerminatedError, TrunkSeg
 from preprocess.geometry import Reorientation
 from preprocess.inputs import Case, find_cases, vertebrae_maps
 from preprocess.io import read_ct, write_label_map
-from preprocess.limits import DEFAULT_CASE_TIME_LIMIT_S, CaseTimer, MemoryBudget, memory_budget
+from preprocess.limits import DEFAULT_CASE_TIME_LIMIT_S, CaseTimer, memory_budget
+from preprocess.readahead import ReadAhead
 from preprocess.vertebrae import SCHEMES
 
 REPO = Path(__file__).resolve().parent
@@ -74,10 +75,12 @@ def progress_bar(total: int, label: str):
 
 
 def run_case(case: Case, *, package: ModelPackage, runtime, choice: RuntimeChoice, output_dir: Path, slug: str, batch_size: int,
-             memory_budget: MemoryBudget | None = None, report: ReportOptions = ReportOptions(), vertebrae: Path | None = None) -> dict:
+             reader: ReadAhead, next_case: Case | None = None, report: ReportOptions = ReportOptions(), vertebrae: Path | None = None) -> dict:
     timings = {}
     started = time.perf_counter()
-    volume, geometry = read_ct(case.source, check_size=memory_budget.check if memory_budget else None)
+    volume, geometry = reader.read(case.source)
+    if next_case is not None:  # its file is decoded while this case computes
+        reader.start(next_case.source, beside=(volume, geometry))
     vertebrae = case.vertebrae or vertebrae
     vertebrae_zyx = load_vertebrae(vertebrae, geometry, report)
     timings["read"] = time.perf_counter() - started
@@ -269,13 +272,13 @@ def run(args: argparse.Namespace) -> int:
                                "precision_reason": precision.reason, "precision_verified": precision.verified},
                    "output_slug": args.output_slug, "cases": []}
         exit_code = 0
-        with start_runtime(choice, package, open_runtime=lambda c, p: open_runtime(c, package, threads=args.threads, precision=p),
+        with ReadAhead(budget=budget, read=read_ct) as reader, start_runtime(choice, package, open_runtime=lambda c, p: open_runtime(c, package, threads=args.threads, precision=p),
                            choose_precision=lambda name: precision_for(args.precision, name, package.card), log=log) as started:
             runtime, choice, precision = started.runtime, started.choice, started.precision
             if started.failures:  # results.json records what runs, and what failed before it
                 results["runtime"].update(name=choice.name, reason=choice.reason, precision=precision.name, precision_reason=precision.reason,
                                           precision_verified=precision.verified, failed_to_start=list(started.failures))
-            for case in cases.cases:
+            for index, case in enumerate(cases.cases):
                 before = list_files(args.output)
 
                 def on_hard_timeout(message: str, case: Case = case, before: set[Path] = before) -> None:
@@ -287,8 +290,9 @@ def run(args: argparse.Namespace) -> int:
                 try:
                     with CaseTimer(args.time_limit_s, case=str(case.source), on_hard_timeout=on_hard_timeout):
                         entry = run_case(case, package=package, runtime=runtime, choice=choice, output_dir=args.output,
-                                         slug=args.output_slug, batch_size=args.batch_size, memory_budget=budget,
-                                         report=report, vertebrae=vertebrae.get(case.case_id))
+                                         slug=args.output_slug, batch_size=args.batch_size, reader=reader,
+                                         next_case=(cases.cases[index + 1:] or [None])[0], report=report,
+                                         vertebrae=vertebrae.get(case.case_id))
                     results["cases"].append(entry)  # only once the timer is disarmed: a late alarm discards the case whole
                 except Exception as error:  # one case's failure, whatever it is, must not stop the others
                     remove_new_files(args.output, before)

@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -309,6 +310,28 @@ def test_a_case_past_its_time_budget_is_stopped_and_the_next_case_still_runs(tmp
     assert [p.name for p in (tmp_path / "out" / "images" / SLUG).iterdir()] == ["b-fine.mha"]
     cases = {c["case_id"]: c["status"] for c in json.loads((tmp_path / "out" / "results.json").read_text())["cases"]}
     assert cases == {"a-slow": "failed", "b-fine": "succeeded"}
+
+
+def test_a_case_whose_read_ahead_hangs_is_stopped_by_its_own_time_budget(tmp_path, capsys, monkeypatch):
+    """The second case is read in the background while the first computes; a read that never ends there must
+    still be stopped by that case's budget (the main thread waits on it), and must not keep the run from ending."""
+    corpus.write_image(corpus.small_ct(1), tmp_path / "in" / "a-fine.mha")
+    corpus.write_image(corpus.small_ct(2), tmp_path / "in" / "b-slow.mha")
+    real, release = process.read_ct, threading.Event()
+
+    def hangs_on_the_second_case(source, **kwargs):
+        if Path(source).name == "b-slow.mha":
+            release.wait()  # a read stuck until the test ends
+        return real(source, **kwargs)
+
+    monkeypatch.setattr(process, "read_ct", hangs_on_the_second_case)
+    try:
+        code, errors, err = run_cli(tmp_path / "in", tmp_path / "out", capsys, "--time-limit-s", "10")
+    finally:
+        release.set()
+    assert code == LIMIT, err
+    assert len(errors) == 1 and "b-slow.mha: stopped after the time budget of 10 s" in errors[0], err
+    assert [p.name for p in (tmp_path / "out" / "images" / SLUG).iterdir()] == ["a-fine.mha"]
 
 
 def test_an_alarm_during_the_write_leaves_no_mask(tmp_path, capsys, monkeypatch):
