@@ -291,7 +291,7 @@ def run(args: argparse.Namespace) -> int:
                     with CaseTimer(args.time_limit_s, case=str(case.source), on_hard_timeout=on_hard_timeout):
                         entry = run_case(case, package=package, runtime=runtime, choice=choice, output_dir=args.output,
                                          slug=args.output_slug, batch_size=args.batch_size, reader=reader,
-                                         next_case=(cases.cases[index + 1:] or [None])[0], report=report,
+                                         next_case=cases.cases[index + 1] if index + 1 < len(cases.cases) else None, report=report,
                                          vertebrae=vertebrae.get(case.case_id))
                     results["cases"].append(entry)  # only once the timer is disarmed: a late alarm discards the case whole
                 except Exception as error:  # one case's failure, whatever it is, must not stop the others

@@ -23,6 +23,7 @@ import platform
 import sys
 import time
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -92,12 +93,13 @@ def speed_order(runtime: str) -> tuple[str, ...]:
     return (SPEED_ORDER if cpu_has_amx() else SPEED_ORDER_WITHOUT_AMX).get(runtime, ())
 
 
-def _cpu_flags() -> set[str]:
+@lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
-    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+        return frozenset()
+    return frozenset(flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split())
 
 
 def cpu_has_native_bf16() -> bool:

@@ -129,7 +129,6 @@ class OpenVinoRunner:
         self._output = compiled.output(OUTPUT_NAME)
         self.request = compiled.create_infer_request()
         self._own_output = self.request.get_tensor(self._output)
-        self._tensor = openvino.Tensor
         return self
 
     def __exit__(self, *exc) -> None:
@@ -148,10 +147,12 @@ class OpenVinoRunner:
         OpenVINO writes into the caller's memory (a shared Tensor), so the 24 MB of logits of a 512x512 tile are
         neither copied out of the request nor allocated per call; the segmenter's own buffer receives them.
         """
+        import openvino
+
         card = self.package.card
         _check_batch(batch, card.input_channels, card.tile_size, self.name)
         _check_output_buffer(out, (batch.shape[0], card.num_classes, *card.tile_size), self.name)
-        self.request.set_tensor(self._output, self._tensor(out, shared_memory=True))
+        self.request.set_tensor(self._output, openvino.Tensor(out, shared_memory=True))
         self.request.infer({INPUT_NAME: np.ascontiguousarray(batch)})
 
 
@@ -237,7 +238,7 @@ class TorchRunner:
             torch.set_num_threads(self.threads)
         network = load_package_network(self.package)
         memory_format = torch.channels_last if self.precision != "fp32" else torch.contiguous_format
-        self.network = network.eval().to(self.device, memory_format=memory_format)
+        self.network = network.to(self.device, memory_format=memory_format)
         self._torch = torch
         return self
 

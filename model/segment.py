@@ -105,7 +105,6 @@ class TilePlan:
     Gaussian blending weights (read-only arrays).
     """
 
-    shape_yx: tuple[int, int]  # a slice of the input, in the model's frame
     tile_yx: tuple[int, int]
     resample: bool
     model_shape_yx: tuple[int, int]  # the slice at the model's pixel spacing
@@ -116,6 +115,7 @@ class TilePlan:
 
     @classmethod
     def of(cls, shape_yx: tuple[int, int], *, pixel_spacing_mm: tuple[float, float], card: ModelCard) -> "TilePlan":
+        """The plan for slices of `shape_yx` (in the model's frame) at `pixel_spacing_mm` (x, y)."""
         tile = tuple(card.tile_size)
         resample = needs_resampling(pixel_spacing_mm, card.pixel_spacing_mm)
         model_shape = target_shape_yx(shape_yx, pixel_spacing_mm, card.pixel_spacing_mm) if resample else tuple(shape_yx)
@@ -129,7 +129,7 @@ class TilePlan:
             weight[y : y + tile[0], x : x + tile[1]] += gauss
         inverse_weight = np.float32(1.0) / weight
         inverse_weight.setflags(write=False)
-        return cls(tuple(shape_yx), tile, resample, model_shape, pads, offsets, gauss, inverse_weight)
+        return cls(tile, resample, model_shape, pads, offsets, gauss, inverse_weight)
 
     @property
     def padded_yx(self) -> tuple[int, int]:

@@ -63,6 +63,7 @@ class ReadAhead:
         check = None
         if self.budget is not None:
             volume, geometry = beside
+            # the in-memory voxel size stands in for the file's: at least as large (int16 or float32 HU)
             held = estimate_peak_bytes(geometry.size_xyz, stored_bytes_per_voxel=volume.itemsize)
             check = _room_check(self.budget, held)
         future: Future = Future()
