@@ -152,12 +152,6 @@ def write_json_atomically(data: dict, path: Path) -> None:
         raise
 
 
-
-
-
-
-
-
 def describe_failure(error: BaseException, case: Case) -> tuple[str, int]:
     """One line and an exit code for a case that failed."""
     if isinstance(error, TrunkSegError):
@@ -169,8 +163,6 @@ def describe_failure(error: BaseException, case: Case) -> tuple[str, int]:
         traceback.print_exc()
     reason = " ".join(str(error).split())[:300]
     return f"{case.source}: unexpected {type(error).__name__}: {reason} (set TRUNKSEG_DEBUG=1 for the traceback)", 1
-
-
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -222,8 +214,6 @@ def _env_float(name: str, default: float | None = None) -> float | None:
         return float(text)
     except ValueError:
         raise SystemExit(f"error: ${name}={text!r} is not a number") from None
-
-
 
 
 def stop_on_sigterm(signum, frame):

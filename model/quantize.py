@@ -94,7 +94,7 @@ def quantize_package(folder: Path, *, ct: list[Path] = (), log=lambda message: N
     tiles = calibration_tiles(card, volumes)
     log(f"calibrating on {len(tiles)} tiles from {len(volumes)} volumes")
     target = quantize_onnx(package.path_of("onnx"), folder / INT8_FILE, tiles)
-    records = {k: v for k, v in card.precision_agreement.items() if not k.endswith("-int8")}  # a new int8 file: old records are void
+    records = {k: v for k, v in card.precision_agreement.items() if not k.rsplit("-", 1)[1].startswith("int8")}  # a new int8 file: old records are void
     write_model_card(replace(card, files={**card.files, "onnx_int8": {"path": INT8_FILE}}, precision_agreement=records), folder)
     return target
 
@@ -111,13 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         target = quantize_package(args.package, ct=args.ct, log=lambda m: print(m, file=sys.stderr))
         print(f"wrote {target}", file=sys.stderr)
         if args.check:
+            from model.precision import default_modes
             from model.precision import main as precision_main
 
-            modes = ["onnxruntime-int8"]
-            import importlib.util
-
-            if importlib.util.find_spec("openvino") is not None:
-                modes.append("openvino-int8")
+            modes = [mode for mode in default_modes(load_model_package(args.package)) if "int8" in mode]
             return precision_main([str(args.package), "--write", "--modes", *modes, *(["--ct", *map(str, args.ct)] if args.ct else [])])
     except TrunkSegError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -5,8 +5,9 @@ input "image" float32 (batch, channels, tile_y, tile_x), output "logits" float32
 tile_y, tile_x). `open_runtime` picks one and says why.
 
 - openvino: OpenVINO on the CPU over the package's ONNX export: fp32, bf16 (AMX / AVX512-BF16: about
-  4x fp32 on the development machine) or int8 (the package's statically quantized ONNX, see
-  model/quantize.py). The default on a CPU when installed.
+  4x fp32 on the development machine), int8 (the package's statically quantized ONNX, see
+  model/quantize.py) or int8+bf16 (that int8 graph with its float parts, the normalisation and
+  activations between the int8 convolutions, in bf16). The default on a CPU when installed.
 - onnxruntime: ONNX Runtime on the CPU: fp32 or int8 (it has no bf16 convolution on x86).
 - torch: PyTorch eager from the safetensors weights on the CPU (fp32, or bf16 autocast); on a GPU,
   model/cuda_runtime.py (fp16 autocast, channels_last, CUDA graphs).
@@ -70,20 +71,23 @@ def _check_output_buffer(out: np.ndarray, expected: tuple[int, ...], who: str) -
 
 
 def onnx_role(precision: str) -> str:
-    """The package file role of the ONNX graph a precision runs: the fp32 export, or the quantized one for int8."""
-    return "onnx_int8" if precision == "int8" else "onnx"
+    """The package file role of the ONNX graph a precision runs: the fp32 export, or the quantized one for int8 (and int8+bf16)."""
+    return "onnx_int8" if precision.startswith("int8") else "onnx"
 
 
 class OpenVinoRunner:
-    """OpenVINO on the CPU over the package's ONNX export, in fp32, bf16 or int8 (the quantized export).
+    """OpenVINO on the CPU over the package's ONNX export, in fp32, bf16, int8 (the quantized export) or int8+bf16.
 
     bf16 is OpenVINO's INFERENCE_PRECISION_HINT: convolutions in bf16 on AMX/AVX512-BF16, InstanceNorm
-    statistics and the output in f32. On a CPU without native bf16 OpenVINO would quietly run f32, so
-    asking for bf16 there is an error. One stream, `threads` inference threads, latency mode; with
+    statistics and the output in f32. int8 runs the quantized export with its float parts (InstanceNorm,
+    LeakyReLU, the transposed convolutions OpenVINO keeps in float, the logits layer) in f32; int8+bf16
+    runs the same graph under the bf16 hint, so those float parts run in bf16 (on the paper-sized network
+    they were a third of int8's time; docs/benchmarks.md). On a CPU without native bf16 OpenVINO would
+    quietly run f32, so asking for bf16 or int8+bf16 there is an error. One stream, `threads` inference threads, latency mode; with
     the same settings on the same machine the output is the same from run to run (tested).
     """
 
-    precisions = ("fp32", "bf16", "int8")
+    precisions = ("fp32", "bf16", "int8", "int8+bf16")
     #: one tile per call is the fastest here for 256x256 and 512x512 tiles alike (docs/benchmarks.md)
     preferred_batch_size = 1
 
@@ -100,7 +104,8 @@ class OpenVinoRunner:
         import openvino
 
         core = openvino.Core()
-        if self.precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        uses_bf16 = self.precision in ("bf16", "int8+bf16")
+        if uses_bf16 and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
             raise RuntimeUnavailableError("openvino: this CPU has no native bf16 (AMX or AVX512-BF16); use --precision fp32")
         path = self.package.path_of(onnx_role(self.precision))
         try:
@@ -119,7 +124,7 @@ class OpenVinoRunner:
         if not classes.is_static or classes.get_length() != card.num_classes:
             raise ModelPackageError(f"{path}: output has {classes} classes, card says {card.num_classes}")
         config = {
-            "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
+            "INFERENCE_PRECISION_HINT": "bf16" if uses_bf16 else "f32",
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": 1,
         }

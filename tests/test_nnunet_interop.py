@@ -524,21 +524,27 @@ def test_chain_from_sparse_annotations_segments_a_held_out_phantom(trained, ours
     assert np.median(list(dice.values())) >= float(os.environ.get("TRUNKSEG_NNUNET_MIN_DICE", "0.6"))
 
 
-def test_bf16_on_the_imported_trained_model_is_measured_and_gated(trained, tmp_path):
-    """The CPU's bf16 mode (OpenVINO on AMX) on the nnU-Net-trained model: measured against fp32, used only if it holds."""
-    pytest.importorskip("openvino", reason="OpenVINO is the CPU runtime of bf16")
-    from model.precision import Volume, choose_precision, cpu_has_native_bf16, measure_agreement, record_agreement
+def test_reduced_precisions_on_the_imported_trained_model_are_measured_and_gated(trained, tmp_path):
+    """The CPU's reduced modes (OpenVINO bf16, int8, int8+bf16; ONNX Runtime int8) on the nnU-Net-trained model:
+    each measured against fp32 on the held-out phantom, and `auto` takes only the fastest that holds."""
+    pytest.importorskip("openvino", reason="OpenVINO is the CPU runtime of bf16 and int8")
+    from model.precision import Volume, choose_precision, default_modes, measure_agreement, record_agreement, speed_order
+    from model.quantize import quantize_package
 
-    if not cpu_has_native_bf16():
-        pytest.skip("this CPU has no native bf16 (AMX or AVX512-BF16)")
     phantom = trained.phantom
     volume = Volume("held-out", phantom.ct_zyx, tuple(phantom.geometry.spacing_mm[:2]), float(phantom.geometry.spacing_mm[2]))
     package = tmp_path / "pkg"
     shutil.copytree(trained.package, package)
-    record = measure_agreement(load_model_package(package), [volume], ["openvino-bf16"], threads=2)["openvino-bf16"]
-    print(f"nnU-Net-trained model, openvino-bf16 vs fp32 on the held-out phantom: {record}")
-    assert record["voxel_agreement"] >= 0.995 and record["labels_compared"] >= 10, record  # close to fp32 either way
-    assert record["holds"] == (record["voxel_agreement"] >= 0.999 and record["min_dice"] >= 0.99)
-    record_agreement(package, {"openvino-bf16": record})
+    quantize_package(package)  # calibrated on phantom slices at the model's spacing (other seeds than the held-out one)
+    modes = default_modes(load_model_package(package))
+    assert {"openvino-int8", "onnxruntime-int8"} <= set(modes)
+    records = measure_agreement(load_model_package(package), [volume], modes, threads=2)
+    for key, record in records.items():
+        print(f"nnU-Net-trained model, {key} vs fp32 on the held-out phantom: "
+              f"{ {k: record[k] for k in ('holds', 'voxel_agreement', 'min_dice', 'labels_compared')} }")
+        assert record["voxel_agreement"] >= 0.99 and record["labels_compared"] >= 10, (key, record)  # close to fp32 either way
+        assert record["holds"] == (record["voxel_agreement"] >= 0.999 and record["min_dice"] >= 0.99)
+    record_agreement(package, records)
     card = load_model_package(package).card
-    assert choose_precision("auto", runtime="openvino", card=card).name == ("bf16" if record["holds"] else "fp32")
+    expected = next((mode for mode in speed_order("openvino") if records.get(f"openvino-{mode}", {}).get("holds")), "fp32")
+    assert choose_precision("auto", runtime="openvino", card=card).name == expected

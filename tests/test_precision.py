@@ -26,6 +26,7 @@ from model.precision import (
     open_runner,
     phantom_volumes,
     record_agreement,
+    speed_order,
 )
 from preprocess.resample import argmax_channels, resample_slices
 from tests.conftest import DEMO_MODEL, write_volume
@@ -96,16 +97,25 @@ def test_auto_precision_takes_only_a_mode_recorded_as_agreeing(demo_package):
 def test_auto_takes_the_fastest_holding_mode_for_this_kind_of_cpu(demo_package, monkeypatch):
     import model.precision as precision
 
-    records = {key: {"holds": True, "voxel_agreement": 0.9999, "min_dice": 0.995} for key in ("openvino-bf16", "openvino-int8")}
+    keys = ("openvino-bf16", "openvino-int8", "openvino-int8+bf16")
+    records = {key: {"holds": True, "voxel_agreement": 0.9999, "min_dice": 0.995} for key in keys}
     card = replace(demo_package.card, precision_agreement=records,
                    files={**demo_package.card.files, "onnx_int8": {"path": "model.int8.onnx", "sha256": "0" * 64}})
+
+    def holding(*held):
+        return replace(card, precision_agreement={key: {**records[key], "holds": key in held} for key in keys})
+
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     monkeypatch.setattr(precision, "cpu_has_amx", lambda: True)  # AMX: bf16 is the fastest (dev-2c)
     assert choose_precision("auto", runtime="openvino", card=card).name == "bf16"
-    monkeypatch.setattr(precision, "cpu_has_amx", lambda: False)  # AVX512-BF16 without AMX: int8 (dev-2c-amd)
+    assert choose_precision("auto", runtime="openvino", card=holding("openvino-int8", "openvino-int8+bf16")).name == "int8+bf16"
+    monkeypatch.setattr(precision, "cpu_has_amx", lambda: False)  # AVX512-BF16 without AMX: int8+bf16, int8, bf16 (dev-2c-amd)
+    assert choose_precision("auto", runtime="openvino", card=card).name == "int8+bf16"
+    assert choose_precision("auto", runtime="openvino", card=holding("openvino-bf16", "openvino-int8")).name == "int8"
+    assert choose_precision("auto", runtime="openvino", card=holding("openvino-bf16")).name == "bf16"  # the faster ones do not hold
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)  # no native bf16: of these only int8 can run
     assert choose_precision("auto", runtime="openvino", card=card).name == "int8"
-    card = replace(card, precision_agreement={"openvino-bf16": records["openvino-bf16"], "openvino-int8": {**records["openvino-int8"], "holds": False}})
-    assert choose_precision("auto", runtime="openvino", card=card).name == "bf16"  # the faster one does not hold: the next
+    assert choose_precision("auto", runtime="openvino", card=holding("openvino-bf16", "openvino-int8+bf16")).name == "fp32"
 
 
 def test_an_explicit_precision_runs_and_says_whether_it_was_verified(demo_package):
@@ -122,9 +132,12 @@ def test_unavailable_precisions_are_errors_not_fallbacks(demo_package):
 
     with pytest.raises(RuntimeUnavailableError, match="bf16"):
         OnnxRuntimeRunner(demo_package, precision="bf16")
-    with pytest.raises(Exception, match="onnx_int8"):
-        with open_runner("openvino-int8", demo_package, threads=1):
-            pass
+    for key in ("openvino-int8", "openvino-int8+bf16"):  # no int8 export in this package
+        with pytest.raises(Exception, match="onnx_int8"):
+            with open_runner(key, demo_package, threads=1):
+                pass
+    with pytest.raises(RuntimeUnavailableError, match="int8\\+bf16"):
+        OnnxRuntimeRunner(demo_package, precision="int8+bf16")
 
 
 # --- agreement on the trained demo model ----------------------------------------------------------------
@@ -153,7 +166,8 @@ def test_int8_export_keeps_the_logits_layer_in_float_and_is_measured(int8_packag
     last = produced_by[graph.output[0].name]
     assert last.op_type == "Conv" and last.input[1] in {i.name for i in graph.initializer}  # float weights, no DequantizeLinear
     assert sum(n.op_type == "QuantizeLinear" for n in graph.node) >= 20  # the other convolutions are int8
-    records = measure_agreement(int8_package, volumes, ["openvino-int8", "onnxruntime-int8"], threads=2)
+    keys = ["openvino-int8", "onnxruntime-int8"] + (["openvino-int8+bf16"] if cpu_has_native_bf16() else [])
+    records = measure_agreement(int8_package, volumes, keys, threads=2)
     print(f"demo, int8 vs fp32 on phantoms: {records}")
     for record in records.values():  # close to fp32 (whether within the bar is the record's verdict)
         assert record["voxel_agreement"] >= 0.99 and record["min_dice"] >= 0.9
@@ -161,15 +175,18 @@ def test_int8_export_keeps_the_logits_layer_in_float_and_is_measured(int8_packag
     record_agreement(int8_package.folder, records)
     card = load_model_package(int8_package.folder).card
     assert not card.precision_agreement["openvino-bf16"]["holds"]  # the demo's bf16 record (see above)
-    assert choose_precision("auto", runtime="openvino", card=card).name == ("int8" if records["openvino-int8"]["holds"] else "fp32")
+    expected = next((mode for mode in speed_order("openvino") if f"openvino-{mode}" in records and records[f"openvino-{mode}"]["holds"]), "fp32")
+    assert choose_precision("auto", runtime="openvino", card=card).name == expected
 
 
-@pytest.mark.parametrize("key", ["openvino-fp32", pytest.param("openvino-bf16", marks=needs_bf16), "onnxruntime-fp32"])
-def test_runs_are_identical_from_run_to_run(demo_package, key):
-    tiles = np.random.default_rng(3).normal(size=(2, 1, *demo_package.card.tile_size)).astype(np.float32)
+@pytest.mark.parametrize("key", ["openvino-fp32", pytest.param("openvino-bf16", marks=needs_bf16), "onnxruntime-fp32", "openvino-int8",
+                                 pytest.param("openvino-int8+bf16", marks=needs_bf16), "onnxruntime-int8"])
+def test_runs_are_identical_from_run_to_run(demo_package, key, request):
+    package = request.getfixturevalue("int8_package") if "int8" in key else demo_package
+    tiles = np.random.default_rng(3).normal(size=(2, 1, *package.card.tile_size)).astype(np.float32)
     outputs = []
     for _ in range(2):
-        with open_runner(key, demo_package, threads=2) as runner:
+        with open_runner(key, package, threads=2) as runner:
             outputs.append(runner(tiles))
             outputs.append(runner(tiles))
     for other in outputs[1:]:
