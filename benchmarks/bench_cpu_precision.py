@@ -1,4 +1,4 @@
-"""CPU precision modes end to end: nnUNetPredictor and ours in fp32, bf16 and int8, same CT, same weights, one run.
+"""CPU precision modes end to end: nnUNetPredictor and ours in fp32, bf16, int8 and int8+bf16, same CT, same weights, one run.
 
     .venv/bin/python benchmarks/bench_cpu_precision.py                    # paper-sized network, 512x512x300 CT
     .venv/bin/python benchmarks/bench_cpu_precision.py --slices 60 --no-nnunet --models demo
@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 #: runtime-precision runs of process.py; the first is the reference of the agreement columns
-DEFAULT_RUNS = ("onnxruntime-fp32", "openvino-fp32", "openvino-bf16", "openvino-int8", "onnxruntime-int8")
+DEFAULT_RUNS = ("onnxruntime-fp32", "openvino-fp32", "openvino-bf16", "openvino-int8", "openvino-int8+bf16", "onnxruntime-int8")
 PAPER_FEATURES = [32, 64, 128, 256, 512, 512, 512, 512]
 
 
@@ -247,6 +247,36 @@ def bench_network(args, package: Path, keys: list[str], repeat: int = 5) -> None
                 runner(tiles)
             print(f"| {key} | {1000 * (time.perf_counter() - started) / repeat / len(tiles):.0f} |", flush=True)
     print(f"\nload average after: {load_average()}", flush=True)
+    if args.layers:
+        for key in keys:
+            if key.startswith("openvino-"):
+                print_openvino_layer_times(key, loaded, tiles, threads=args.threads)
+
+
+def print_openvino_layer_times(key: str, package, tiles: np.ndarray, *, threads: int, repeat: int = 3) -> None:
+    """Where an OpenVINO runner's time goes: its compiled layers' times (PERF_COUNT), summed by layer and kernel type."""
+    import openvino
+
+    from model.precision import open_runner
+    from model.runtime import onnx_role
+
+    runner = open_runner(key, package, threads=threads)  # for its settings only: compiled here again with PERF_COUNT
+    core = openvino.Core()
+    compiled = core.compile_model(core.read_model(str(package.path_of(onnx_role(runner.precision)))), "CPU",
+                                  {**runner.compile_config(), "PERF_COUNT": True})
+    request = compiled.create_infer_request()
+    request.infer([tiles])
+    totals: dict[tuple[str, str], float] = {}
+    for _ in range(repeat):
+        request.infer([tiles])
+        for layer in request.profiling_info:
+            kind = (layer.node_type, layer.exec_type)
+            totals[kind] = totals.get(kind, 0.0) + layer.real_time.total_seconds() * 1000 / repeat / len(tiles)
+    total = sum(totals.values())
+    print(f"\n### {key}: layer times, ms per tile (sum {total:.0f})\n\n| layer type | kernel | ms | share |\n|---|---|---:|---:|")
+    for (node_type, exec_type), ms in sorted(totals.items(), key=lambda item: -item[1]):
+        if ms >= 0.5:
+            print(f"| {node_type} | {exec_type} | {ms:.1f} | {100 * ms / total:.0f} % |")
 
 
 def main() -> int:
@@ -267,6 +297,7 @@ def main() -> int:
     parser.add_argument("--stages", action="store_true", help="only the work around the network (resampling, argmax, blending)")
     parser.add_argument("--network-only", nargs="*", default=None, metavar="RUNNER",
                         help="only the network, ms per tile, for these runners (default: every CPU runner, torch included)")
+    parser.add_argument("--layers", action="store_true", help="with --network-only: where each OpenVINO runner's time goes, by layer type")
     args = parser.parse_args()
     if args.stages:
         bench_stages(args)
@@ -298,10 +329,10 @@ def main() -> int:
         else:
             shutil.copytree(REPO / "model" / "packages" / "demo-phantom", package)
         wanted = args.runs if args.network_only is None else (args.network_only or ["-int8"])  # no runner named: all of them, int8 too
-        if any(run.endswith("-int8") for run in wanted) and "onnx_int8" not in load_model_package(package).card.files:
+        if any("-int8" in run for run in wanted) and "onnx_int8" not in load_model_package(package).card.files:
             quantize_package(package, ct=args.calibration_ct)
         if args.network_only is not None:
-            keys = args.network_only or ["onnxruntime-fp32", "openvino-fp32", "openvino-bf16", "openvino-int8", "onnxruntime-int8",
+            keys = args.network_only or ["onnxruntime-fp32", "openvino-fp32", "openvino-bf16", "openvino-int8", "openvino-int8+bf16", "onnxruntime-int8",
                                          "torch-cpu-fp32", "torch-cpu-bf16"]
             bench_network(args, package, keys)
             continue

@@ -42,7 +42,7 @@ SPEED_ORDER = {
     "torch-cpu": ("bf16",),
 }
 #: the same without AMX: with AVX512-BF16 and VNNI alone (dev-2c-amd, EPYC Zen 4) OpenVINO's int8 ran about 10 %
-#: faster than its bf16 on both the demo and the paper-sized network, and int8+bf16 another 15-25 % faster on the
+#: faster than its bf16 on both the demo and the paper-sized network, and int8+bf16 another 10-20 % faster on the
 #: paper-sized one; without native bf16 only int8 is left anyway (mode_available)
 SPEED_ORDER_WITHOUT_AMX = {**SPEED_ORDER, "openvino": ("int8+bf16", "int8", "bf16")}
 #: the phantoms agreement is measured on (held out from the int8 calibration seeds in model/quantize.py)

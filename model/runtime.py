@@ -123,18 +123,22 @@ class OpenVinoRunner:
         classes = outputs[OUTPUT_NAME].get_partial_shape()[1]
         if not classes.is_static or classes.get_length() != card.num_classes:
             raise ModelPackageError(f"{path}: output has {classes} classes, card says {card.num_classes}")
+        compiled = core.compile_model(model, "CPU", self.compile_config())
+        self._output = compiled.output(OUTPUT_NAME)
+        self.request = compiled.create_infer_request()
+        self._own_output = self.request.get_tensor(self._output)
+        return self
+
+    def compile_config(self) -> dict:
+        """OpenVINO's CPU settings for this runner (benchmarks/bench_cpu_precision.py --layers adds PERF_COUNT to them)."""
         config = {
-            "INFERENCE_PRECISION_HINT": "bf16" if uses_bf16 else "f32",
+            "INFERENCE_PRECISION_HINT": "bf16" if self.precision in ("bf16", "int8+bf16") else "f32",
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": 1,
         }
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = self.threads
-        compiled = core.compile_model(model, "CPU", config)
-        self._output = compiled.output(OUTPUT_NAME)
-        self.request = compiled.create_infer_request()
-        self._own_output = self.request.get_tensor(self._output)
-        return self
+        return config
 
     def __exit__(self, *exc) -> None:
         self.request = self._own_output = None

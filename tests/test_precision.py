@@ -179,6 +179,26 @@ def test_int8_export_keeps_the_logits_layer_in_float_and_is_measured(int8_packag
     assert choose_precision("auto", runtime="openvino", card=card).name == expected
 
 
+@needs_bf16
+def test_int8_bf16_runs_the_int8_graph_with_bf16_between_its_convolutions(int8_package, volumes):
+    from model.quantize import calibration_tiles
+
+    tiles = calibration_tiles(int8_package.card, volumes[:1], max_tiles=2)  # real network inputs (a phantom's slices)
+    logits = {}
+    for key in ("openvino-fp32", "openvino-int8", "openvino-int8+bf16", "openvino-bf16"):
+        with open_runner(key, int8_package, threads=2) as runner:
+            logits[key] = runner(tiles)
+            assert runner.compile_config()["INFERENCE_PRECISION_HINT"] == ("bf16" if key.endswith("bf16") else "f32")
+    # not int8 again (the hint took effect), not bf16 on the float graph (it runs the int8 file)
+    assert not np.array_equal(logits["openvino-int8+bf16"], logits["openvino-int8"])
+    assert not np.array_equal(logits["openvino-int8+bf16"], logits["openvino-bf16"])
+    # about as far from fp32 as int8 is (measured: mean |difference| 0.145 against int8's 0.131, logits up to 27)
+    fp32 = logits["openvino-fp32"]
+    error = {key: float(np.abs(value - fp32).mean()) for key, value in logits.items()}
+    assert error["openvino-int8+bf16"] < 1.5 * error["openvino-int8"] < 0.02 * float(np.abs(fp32).max())
+    assert (logits["openvino-int8+bf16"].argmax(1) == fp32.argmax(1)).mean() > 0.999
+
+
 @pytest.mark.parametrize("key", ["openvino-fp32", pytest.param("openvino-bf16", marks=needs_bf16), "onnxruntime-fp32", "openvino-int8",
                                  pytest.param("openvino-int8+bf16", marks=needs_bf16), "onnxruntime-int8"])
 def test_runs_are_identical_from_run_to_run(demo_package, key, request):
