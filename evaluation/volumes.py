@@ -24,7 +24,7 @@ import SimpleITK as sitk
 from evaluation.errors import CaseError, InputError
 from evaluation.labels import LabelSet
 from preprocess.geometry import Geometry
-from preprocess.io import read_image, verify_gzip
+from preprocess.io import read_image, read_image_header, verify_gzip
 
 _INTEGER_PIXEL_IDS = {
     sitk.sitkInt8, sitk.sitkUInt8, sitk.sitkInt16, sitk.sitkUInt16, sitk.sitkInt32, sitk.sitkUInt32,
@@ -285,17 +285,7 @@ def read_slices_on_truth_grid(path: Path, truth: AnnotatedSlices, *, case_id: st
     `strategy`: "auto", or "full" to read the whole file even on the same grid (the benchmark's baseline).
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise InputError(f"{path}: file is empty")
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as error:
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unreadable"
-        raise InputError(f"{path}: cannot be read as an image ({reason[:200]})") from None
+    reader = read_image_header(path)  # the same header checks as the algorithm's reader (a NaN sform hangs ITK's NIfTI reader)
     _check_label_image(reader, path, what)
     geometry = Geometry(
         size_xyz=tuple(int(s) for s in reader.GetSize()),

@@ -79,6 +79,36 @@ def _nifti_extent(head: bytes) -> tuple[int, int] | None:
     return None
 
 
+#: where a NIfTI-1 header keeps its geometry: per part, (offset and format of its code, or None where always in use;
+#: offset and format of its numbers), the byte order left out
+_NIFTI1_GEOMETRY = {"pixdim": (None, (80, "3f")), "qform": ((252, "h"), (256, "6f")), "sform": ((254, "h"), (280, "12f"))}
+
+
+def check_nifti_header(path: Path) -> None:
+    """Refuse a .nii/.nii.gz whose header is not NIfTI-1, or whose spacing or transform in use is not finite.
+
+    ITK's NIfTI reader hangs (no error, no end) on a header whose sform, in use, holds a NaN (found by the
+    image fuzz target); nothing else in such a file can be trusted either. NIfTI-2 is refused by name:
+    SimpleITK has no reader for it.
+    """
+    try:
+        with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as stream:
+            head = stream.read(348)
+    except (OSError, EOFError, zlib.error) as error:
+        raise InputError(f"{path}: corrupt or truncated gzip data ({error})") from None
+    sizes = {order: struct.unpack(f"{order}i", head[:4])[0] for order in "<>"} if len(head) >= 4 else {}
+    if 540 in sizes.values():
+        raise InputError(f"{path}: cannot be read as an image (NIfTI-2, which SimpleITK has no reader for: convert it to NIfTI-1 or .mha)")
+    order = next((order for order, size in sizes.items() if size == 348), None)
+    if order is None or len(head) < 348:
+        raise InputError(f"{path}: cannot be read as an image (not a NIfTI-1 header: its first 4 bytes do not say 348, or it is shorter)")
+    for name, (code, (at, number_format)) in _NIFTI1_GEOMETRY.items():
+        if code is not None and struct.unpack_from(f"{order}{code[1]}", head, code[0])[0] <= 0:
+            continue  # this transform is not in use
+        if not np.isfinite(struct.unpack_from(f"{order}{number_format}", head, at)).all():
+            raise InputError(f"{path}: its NIfTI header's {name} holds a non-finite number: refused")
+
+
 def _check_nifti_complete(path: Path, *, inflated_bytes: int | None) -> None:
     """SimpleITK reads a short NIfTI (a truncated .nii, or a .nii.gz made from one) without an error: check the length."""
     opener = gzip.open if inflated_bytes is not None else open
@@ -147,6 +177,8 @@ def read_image_header(path: Path) -> sitk.ImageFileReader:
         raise InputError(f"{path}: file is empty")
     if path.name.lower().endswith(_DETACHABLE_SUFFIXES):
         check_data_file_reference(path)
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        check_nifti_header(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:

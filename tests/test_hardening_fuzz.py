@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from preprocess.dicom import read_dicom_series
@@ -73,3 +74,54 @@ def test_a_nifti_header_with_a_nan_vox_offset_is_refused_or_read_never_a_stray_e
     except InputError:
         return
     assert volume.shape == geometry.shape_zyx and np.isfinite(volume).all() and isinstance(sitk.Image, type)
+
+
+@pytest.mark.parametrize("name", ["ct.nii", "ct.nii.gz"])
+@pytest.mark.parametrize("reader", ["algorithm", "evaluation"])
+def test_a_nifti_whose_sform_in_use_holds_a_nan_is_refused_not_a_hang(tmp_path, name, reader):
+    """Found by the image target: ITK's NIfTI reader never returns from such a header (measured: > 120 s, no error).
+
+    Read in a child process with a deadline, so that a regression fails here instead of hanging the test run.
+    """
+    import gzip
+
+    from tests import hardening_corpus as corpus
+
+    plain = corpus.write_image(corpus.small_ct(shape_zyx=(2, 12, 10)), tmp_path / "plain.nii", compress=False)
+    data = bytearray(plain.read_bytes())
+    data[254:256] = struct.pack("<h", 1)  # sform_code: in use
+    # the fuzz find's sform: a degenerate rotation (first row denormal) and a NaN offset; either alone does not hang
+    data[280:328] = struct.pack("<12f", -0.0, 8.96831e-44, 9.10844e-44, 0.0, 0.0, 0.0, 0.0, float("nan"), 0.0, 0.0, 8.0, 0.0)
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(bytes(data)) if name.endswith(".gz") else bytes(data))
+    if reader == "algorithm":
+        code = f"from pathlib import Path; from preprocess.io import read_ct; read_ct(Path({str(path)!r}))"
+    else:  # the evaluation reads a prediction on the grid of a (good) ground truth
+        annotated = np.zeros((2, 12, 10), np.uint8)
+        annotated[1, 4:8, 3:6] = 1
+        truth = corpus.write_image(annotated, tmp_path / "truth.nii.gz")
+        code = (f"from pathlib import Path; from evaluation.labels import canonical_label_set; "
+                f"from evaluation.volumes import read_annotated_slices, read_slices_on_truth_grid; "
+                f"truth = read_annotated_slices(Path({str(truth)!r}), canonical_label_set()); "
+                f"read_slices_on_truth_grid(Path({str(path)!r}), truth, case_id='c', what='prediction')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode != 0 and "InputError" in done.stderr and "sform holds a non-finite number" in done.stderr, done.stderr[-500:]
+
+
+def test_only_nifti_1_headers_are_handed_to_the_reader(tmp_path):
+    """A .nii whose header size is neither 348 (NIfTI-1) nor 540 (NIfTI-2) is not NIfTI; NIfTI-2 gets its own reason."""
+    from preprocess.io import check_nifti_header
+    from tests import hardening_corpus as corpus
+
+    path = corpus.write_image(corpus.small_ct(shape_zyx=(2, 12, 10)), tmp_path / "ct.nii", compress=False)
+    check_nifti_header(path)  # a good one passes
+    data = bytearray(path.read_bytes())
+    for size, reason in ((292, "not a NIfTI-1 header"), (540, "NIfTI-2")):
+        data[:4] = struct.pack("<i", size)
+        path.write_bytes(bytes(data))
+        with pytest.raises(InputError, match=reason):
+            check_nifti_header(path)
+    data[:4] = struct.pack("<i", 348)
+    path.write_bytes(bytes(data[:200]))  # NIfTI-1 by its first bytes, but shorter than its header
+    with pytest.raises(InputError, match="not a NIfTI-1 header"):
+        check_nifti_header(path)
