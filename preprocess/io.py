@@ -129,11 +129,17 @@ def _reason(error: Exception, limit: int = 200) -> str:
 _DETACHABLE_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 
 
-def check_data_file_reference(path: Path) -> None:
-    """A MetaImage/NRRD header may name its voxel data file: it must be a regular file beside the header.
+#: the dimension counts ITK reads (itk::ImageIOBase); its MetaImage reader crashes on NDims >= 100 or < 0 (fuzzing)
+_MAX_IO_DIMENSION = 5
 
-    Refuses what would make the reader leave the input folder (an absolute path, `..`, a symlink out),
-    read a device or a FIFO (a hang), or follow a list or a file-name pattern.
+
+def check_detached_header(path: Path) -> None:
+    """The fields of a MetaImage/NRRD header that ITK must not see unchecked.
+
+    A header may name its voxel data file: it must be a regular file beside the header. Refuses what
+    would make the reader leave the input folder (an absolute path, `..`, a symlink out), read a device
+    or a FIFO (a hang), or follow a list or a file-name pattern. A MetaImage's NDims must be a count
+    ITK reads (1-5): ITK's MetaImage reader dies of a segmentation fault on a large or negative one.
     """
     with open(path, "rb") as stream:
         head = stream.read(1 << 16)
@@ -144,6 +150,10 @@ def check_data_file_reference(path: Path) -> None:
             return  # the end of an NRRD header
         key, separator, value = line.partition("=" if metaimage else ":")
         key, value = key.strip().lower(), value.strip()
+        if metaimage and separator and key == "ndims":
+            count = value.split()[0] if value.split() else ""
+            if not count.isdigit() or not 1 <= int(count) <= _MAX_IO_DIMENSION:
+                raise InputError(f"{path}: its MetaImage header says NDims = {value[:40]!r}, not a dimension count (1-{_MAX_IO_DIMENSION})")
         if not separator or key not in (("elementdatafile",) if metaimage else ("data file", "datafile")):
             continue
         if metaimage and value.upper() == "LOCAL":
@@ -176,7 +186,7 @@ def read_image_header(path: Path) -> sitk.ImageFileReader:
     if path.stat().st_size == 0:
         raise InputError(f"{path}: file is empty")
     if path.name.lower().endswith(_DETACHABLE_SUFFIXES):
-        check_data_file_reference(path)
+        check_detached_header(path)
     if path.name.lower().endswith((".nii", ".nii.gz")):
         check_nifti_header(path)
     reader = sitk.ImageFileReader()

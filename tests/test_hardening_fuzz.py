@@ -125,3 +125,21 @@ def test_only_nifti_1_headers_are_handed_to_the_reader(tmp_path):
     path.write_bytes(bytes(data[:200]))  # NIfTI-1 by its first bytes, but shorter than its header
     with pytest.raises(InputError, match="not a NIfTI-1 header"):
         check_nifti_header(path)
+
+
+@pytest.mark.parametrize("ndims", ["366666666666666666666666666666666660 1 0 0 0 1", "-3", "1000"])
+def test_a_metaimage_with_an_absurd_ndims_is_refused_not_a_segfault(tmp_path, ndims):
+    """Found by the image target: ITK's MetaImage reader dies of SIGSEGV on NDims >= ~100 or < 0 (measured).
+
+    Read in a child process, so that a regression fails here instead of killing the test run.
+    """
+    from tests import hardening_corpus as corpus
+
+    path = corpus.write_image(corpus.small_ct(shape_zyx=(2, 12, 10)), tmp_path / "ct.mha", compress=False)
+    data = path.read_bytes()
+    assert b"NDims = 3\n" in data
+    path.write_bytes(data.replace(b"NDims = 3\n", f"NDims = {ndims}\n".encode(), 1))
+    for code in (f"from pathlib import Path; from preprocess.io import read_ct; read_ct(Path({str(path)!r}))",
+                 f"from pathlib import Path; from preprocess.io import read_image; read_image(Path({str(path)!r}))"):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert done.returncode == 1 and "not a dimension count" in done.stderr, (done.returncode, done.stderr[-500:])
