@@ -152,7 +152,7 @@ def check_detached_header(path: Path) -> None:
         key, value = key.strip().lower(), value.strip()
         if metaimage and separator and key == "ndims":
             count = value.split()[0] if value.split() else ""
-            if not count.isdigit() or not 1 <= int(count) <= _MAX_IO_DIMENSION:
+            if not (count.isascii() and count.isdigit()) or not 1 <= int(count) <= _MAX_IO_DIMENSION:  # "²" is a digit to str
                 raise InputError(f"{path}: its MetaImage header says NDims = {value[:40]!r}, not a dimension count (1-{_MAX_IO_DIMENSION})")
         if not separator or key not in (("elementdatafile",) if metaimage else ("data file", "datafile")):
             continue
