@@ -143,3 +143,28 @@ def test_a_metaimage_with_an_absurd_ndims_is_refused_not_a_segfault(tmp_path, nd
                  f"from pathlib import Path; from preprocess.io import read_image; read_image(Path({str(path)!r}))"):
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
         assert done.returncode == 1 and "not a dimension count" in done.stderr, (done.returncode, done.stderr[-500:])
+
+
+@pytest.mark.parametrize("damage", ["250 MB declared, 40 bytes there", "half the pixel data", "no pixel data"])
+def test_a_dicom_slice_whose_pixel_data_is_missing_or_overdeclared_is_refused_before_gdcm(tmp_path, damage):
+    """Found by the dicom target: a 1 kB slice declaring 250 MB of pixel data made GDCM take 3.3 GB and 5 s (measured)."""
+    import resource
+
+    from preprocess.dicom import read_dicom_series
+    from tests import hardening_corpus as corpus
+
+    folder = corpus.dicom_series(tmp_path / "series", n=3)
+    path = sorted(folder.iterdir())[1]
+    data = path.read_bytes()
+    tag = b"\xe0\x7f\x10\x00OW\x00\x00"  # (7FE0,0010) OW, explicit little endian: a 4-byte length follows
+    at = data.rindex(tag) + len(tag)
+    if damage == "no pixel data":
+        path.write_bytes(data[: at - len(tag)])
+    elif damage == "half the pixel data":
+        path.write_bytes(data[: at + 4 + (len(data) - at - 4) // 2])
+    else:  # the fuzz find's shape
+        path.write_bytes(data[:at] + struct.pack("<I", 0x0F000000) + data[at + 4 : at + 44])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(InputError, match=f"{path.name}: (no pixel data|pixel data holds .* truncated)"):
+        read_dicom_series(folder)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB: GDCM never got the file
