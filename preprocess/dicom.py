@@ -26,6 +26,11 @@ _DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 _ENHANCED_CT_CLASSES = {"1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}  # Enhanced CT, Legacy Converted Enhanced CT
 
 
+#: every attribute this module reads from a header
+_KEYWORDS_USED = ("SOPClassUID", "Modality", "NumberOfFrames", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
+                  "Rows", "Columns", "SeriesInstanceUID", "SliceThickness", "DirectoryRecordSequence")
+
+
 def _read_header(path: Path):
     """The header of a DICOM file, or None for a file that is not DICOM.
 
@@ -34,11 +39,17 @@ def _read_header(path: Path):
     parse means "not a DICOM file" here; a folder left with no CT says so by name.
     """
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
+        header = pydicom.dcmread(path, stop_before_pixels=True)
     except InvalidDicomError:
         return None
     except Exception:  # see above: a file pydicom cannot parse is not a readable DICOM file
         return None
+    for keyword in _KEYWORDS_USED:  # pydicom converts a value on its first use: a malformed one fails here, by name
+        try:
+            header.get(keyword)
+        except Exception as error:  # e.g. NotImplementedError for an unknown VR (found by the dicom fuzz target)
+            raise InputError(f"{path}: its DICOM attribute {keyword} cannot be read ({type(error).__name__})") from None
+    return header
 
 
 def _floats(header, keyword: str, count: int, path: Path) -> np.ndarray:

@@ -168,3 +168,18 @@ def test_a_dicom_slice_whose_pixel_data_is_missing_or_overdeclared_is_refused_be
     with pytest.raises(InputError, match=f"{path.name}: (no pixel data|pixel data holds .* truncated)"):
         read_dicom_series(folder)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB: GDCM never got the file
+
+
+def test_a_dicom_attribute_with_an_unknown_vr_is_named_not_a_stray_exception(tmp_path):
+    """Found by the dicom target: pydicom converts values lazily and raises NotImplementedError for an unknown VR."""
+    from preprocess.dicom import read_dicom_series
+    from tests import hardening_corpus as corpus
+
+    folder = corpus.dicom_series(tmp_path / "series", n=3)
+    path = sorted(folder.iterdir())[1]
+    data = path.read_bytes()
+    element = b"\x18\x00\x50\x00DS"  # (0018,0050) SliceThickness, explicit VR little endian
+    assert data.count(element) == 1
+    path.write_bytes(data.replace(element, b"\x18\x00\x50\x00\x44\xab"))
+    with pytest.raises(InputError, match=f"{path.name}: its DICOM attribute SliceThickness cannot be read"):
+        read_dicom_series(folder)
