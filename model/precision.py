@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from model.package import ModelCard, ModelPackage, load_model_package, write_model_card
+from model.runtime import onnx_role, uses_bf16
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8", "int8+bf16")
 MIN_VOXEL_AGREEMENT = 0.999
@@ -83,11 +84,9 @@ def choose_precision(requested: str, *, runtime: str, card: ModelCard) -> Precis
 
 def mode_available(runtime: str, mode: str, card: ModelCard) -> bool:
     """Whether this machine and package can run `mode` natively (bf16 needs AMX or AVX512-BF16; int8 its ONNX file)."""
-    if mode.startswith("int8") and "onnx_int8" not in card.files:
+    if onnx_role(mode) not in card.files:
         return False
-    if mode.endswith("bf16"):
-        return cpu_has_native_bf16()
-    return True
+    return cpu_has_native_bf16() if uses_bf16(mode) else True
 
 
 def speed_order(runtime: str) -> tuple[str, ...]:

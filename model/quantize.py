@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from model.package import INPUT_NAME, ModelCard, load_model_package, write_model_card
+from model.runtime import onnx_role
 
 INT8_FILE = "model.int8.onnx"
 #: phantoms for calibration (the agreement check uses other seeds: model/precision.py AGREEMENT_SEEDS)
@@ -94,7 +95,8 @@ def quantize_package(folder: Path, *, ct: list[Path] = (), log=lambda message: N
     tiles = calibration_tiles(card, volumes)
     log(f"calibrating on {len(tiles)} tiles from {len(volumes)} volumes")
     target = quantize_onnx(package.path_of("onnx"), folder / INT8_FILE, tiles)
-    records = {k: v for k, v in card.precision_agreement.items() if not k.rsplit("-", 1)[1].startswith("int8")}  # a new int8 file: old records are void
+    # a new int8 file: the records of every mode that runs it are void
+    records = {k: v for k, v in card.precision_agreement.items() if onnx_role(k.rsplit("-", 1)[1]) != "onnx_int8"}
     write_model_card(replace(card, files={**card.files, "onnx_int8": {"path": INT8_FILE}}, precision_agreement=records), folder)
     return target
 

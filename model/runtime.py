@@ -75,6 +75,11 @@ def onnx_role(precision: str) -> str:
     return "onnx_int8" if precision.startswith("int8") else "onnx"
 
 
+def uses_bf16(precision: str) -> bool:
+    """Whether a precision needs native bf16 (bf16, and int8+bf16's float parts)."""
+    return precision.endswith("bf16")
+
+
 class OpenVinoRunner:
     """OpenVINO on the CPU over the package's ONNX export, in fp32, bf16, int8 (the quantized export) or int8+bf16.
 
@@ -104,8 +109,7 @@ class OpenVinoRunner:
         import openvino
 
         core = openvino.Core()
-        uses_bf16 = self.precision in ("bf16", "int8+bf16")
-        if uses_bf16 and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        if uses_bf16(self.precision) and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
             raise RuntimeUnavailableError("openvino: this CPU has no native bf16 (AMX or AVX512-BF16); use --precision fp32")
         path = self.package.path_of(onnx_role(self.precision))
         try:
@@ -132,7 +136,7 @@ class OpenVinoRunner:
     def compile_config(self) -> dict:
         """OpenVINO's CPU settings for this runner (benchmarks/bench_cpu_precision.py --layers adds PERF_COUNT to them)."""
         config = {
-            "INFERENCE_PRECISION_HINT": "bf16" if self.precision in ("bf16", "int8+bf16") else "f32",
+            "INFERENCE_PRECISION_HINT": "bf16" if uses_bf16(self.precision) else "f32",
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": 1,
         }
