@@ -55,21 +55,19 @@ def verify_gzip(path: Path, *, max_bytes: int | None = None) -> int:
 
 
 def _nifti_extent(head: bytes) -> tuple[int, int] | None:
-    """(vox_offset, bytes of voxel data) that a single-file NIfTI-1/-2 header declares, from its first 544 bytes."""
+    """(vox_offset, bytes of voxel data) that a single-file NIfTI-1 header declares, from its first 348 bytes.
+
+    Only NIfTI-1 gets here: check_nifti_header refuses NIfTI-2 (SimpleITK cannot read it) and anything else.
+    """
     for order in "<>":
-        if len(head) >= 348 and struct.unpack(f"{order}i", head[:4])[0] == 348:
-            dims = struct.unpack(f"{order}8h", head[40:56])
-            bitpix = struct.unpack(f"{order}h", head[72:74])[0]
-            raw_offset = struct.unpack(f"{order}f", head[108:112])[0]
-            if not np.isfinite(raw_offset) or not 0 <= raw_offset < 2**40:
-                return None  # left to SimpleITK, which then refuses or reads from its own idea of the offset
-            offset = max(352, int(raw_offset))
-        elif len(head) >= 540 and struct.unpack(f"{order}i", head[:4])[0] == 540:
-            bitpix = struct.unpack(f"{order}h", head[14:16])[0]
-            dims = struct.unpack(f"{order}8q", head[16:80])
-            offset = max(544, min(struct.unpack(f"{order}q", head[168:176])[0], 2**40))
-        else:
+        if len(head) < 348 or struct.unpack(f"{order}i", head[:4])[0] != 348:
             continue
+        dims = struct.unpack(f"{order}8h", head[40:56])
+        bitpix = struct.unpack(f"{order}h", head[72:74])[0]
+        raw_offset = struct.unpack(f"{order}f", head[108:112])[0]
+        if not np.isfinite(raw_offset) or not 0 <= raw_offset < 2**40:
+            return None  # left to SimpleITK, which then refuses or reads from its own idea of the offset
+        offset = max(352, int(raw_offset))
         if not 1 <= dims[0] <= 7 or bitpix <= 0:
             return None
         voxels = 1
@@ -113,7 +111,7 @@ def _check_nifti_complete(path: Path, *, inflated_bytes: int | None) -> None:
     """SimpleITK reads a short NIfTI (a truncated .nii, or a .nii.gz made from one) without an error: check the length."""
     opener = gzip.open if inflated_bytes is not None else open
     with opener(path, "rb") as stream:
-        extent = _nifti_extent(stream.read(544))
+        extent = _nifti_extent(stream.read(348))
     if extent is None:
         return  # not a header we know: SimpleITK's own checks apply
     length = inflated_bytes if inflated_bytes is not None else path.stat().st_size
