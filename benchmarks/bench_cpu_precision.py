@@ -107,6 +107,12 @@ def checkout(ref: str, work: Path) -> Path:
     return tree
 
 
+def precisions_of(tree: Path) -> tuple[str, ...]:
+    """The precision modes a tree's process.py accepts (a baseline may predate some of ours)."""
+    code = f"import sys; sys.path.insert(0, {str(tree)!r}); from model.precision import PRECISIONS; print(' '.join(PRECISIONS))"
+    return tuple(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split())
+
+
 def bench_model(label: str, package: Path, ct: Path, work: Path, args, env: dict) -> None:
     from model.package import load_model_package
     from model.precision import agreement_of
@@ -136,6 +142,9 @@ def bench_model(label: str, package: Path, ct: Path, work: Path, args, env: dict
     for key in args.runs:
         runtime, precision = key.rsplit("-", 1)
         for who, tree in trees:  # the baseline's run right before ours: the same machine state for both
+            if who != "ours" and precision not in precisions_of(tree):
+                print(f"  {who}: has no precision {precision!r}: {key} runs for ours only", file=sys.stderr, flush=True)
+                continue
             name = key if who == "ours" else f"{key} ({who})"
             out = work / f"{who.replace(' ', '-')}-{label}-{key}"
             shutil.rmtree(out, ignore_errors=True)
