@@ -151,7 +151,7 @@ def results_from_package(package_dir: Path, work: Path) -> Path:
                                                      "file_ending": ".nii.gz", "trunkseg_frame": card.frame}))
     network = build_network(network_class_name=card.network_class_name, arch_kwargs=card.arch_kwargs,
                             input_channels=1, num_classes=card.num_classes)
-    load_model(network, str(package_dir / card.files["weights"]["path"]))
+    load_model(network, str(package_dir / card.files["weights"].path))
     save_nnunet_checkpoint(network, folder / "fold_0" / "checkpoint_final.pth", trainer="nnUNetTrainer_2000epochs_NoMirroring")
     return folder
 

@@ -70,15 +70,15 @@ def choose_precision(requested: str, *, runtime: str, card: ModelCard) -> Precis
         if requested == "fp32":
             return PrecisionChoice("fp32", "requested on the command line", True)
         record = records.get(runner_key(runtime, requested))
-        if record and record.get("holds"):
-            return PrecisionChoice(requested, f"requested; agrees with fp32 on this model (min Dice {record['min_dice']:.4f})", True)
+        if record and record.holds:
+            return PrecisionChoice(requested, f"requested; agrees with fp32 on this model (min Dice {record.min_dice:.4f})", True)
         what = "does NOT agree with fp32 on this model" if record else "has no recorded agreement with fp32 for this model"
         return PrecisionChoice(requested, f"requested on the command line; {runner_key(runtime, requested)} {what}", False)
     for mode in speed_order(runtime):
         record = records.get(runner_key(runtime, mode))
-        if record and record.get("holds") and mode_available(runtime, mode, card):
+        if record and record.holds and mode_available(runtime, mode, card):
             return PrecisionChoice(mode, f"fastest mode of {runtime} that agrees with fp32 on this model "
-                                         f"(voxels {100 * record['voxel_agreement']:.3f} %, min Dice {record['min_dice']:.4f})", True)
+                                         f"(voxels {100 * record.voxel_agreement:.3f} %, min Dice {record.min_dice:.4f})", True)
     return PrecisionChoice("fp32", f"no faster mode of {runtime} is recorded as agreeing with fp32 on this model", True)
 
 

@@ -138,9 +138,9 @@ def engine_key(package: ModelPackage, gpu: GpuIdentity, *, precision: str = "fp1
 
 def _card_sha(package: ModelPackage, role: str) -> str:
     entry = package.card.files.get(role)
-    if not entry or not entry.get("sha256"):
+    if not entry or not entry.sha256:
         raise ModelPackageError(f"{package.folder}: the model card lists no checksum for its {role!r} file")
-    return entry["sha256"]
+    return entry.sha256
 
 
 def default_cache_dir() -> Path:

@@ -64,6 +64,58 @@ def test_file_paths_may_not_leave_the_package(package_copy):
         load_model_package(package_copy, verify=False)
 
 
+def _set(card: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        card = card[key]
+    if value is _DELETE:
+        del card[path[-1]]
+    else:
+        card[path[-1]] = value
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (("files", "onnx", "path"), _DELETE, "file entry"),
+    (("files", "onnx"), "model.onnx", "file entry"),
+    (("files", "onnx", "sha256"), "not-a-checksum", "64 lower-case hex"),
+    (("files",), ["model.onnx"], "files must be an object"),
+    (("precision_agreement", "openvino-bf16", "min_dice"), _DELETE, "missing 'min_dice'"),
+    (("precision_agreement", "openvino-bf16", "holds"), "yes", "'holds': true|false"),
+    (("precision_agreement", "openvino-bf16", "voxel_agreement"), 1.5, "fractions in"),
+    (("precision_agreement", "openvino-bf16"), True, "must be an object"),
+    (("normalization", "std"), _DELETE, "std"),
+    (("normalization", "mean"), "zero", "could not convert"),
+    (("channel_labels",), [], "channel_labels must start with background"),
+    (("name",), _DELETE, "missing 'name'"),
+    (("arch_kwargs",), [1, 2], "arch_kwargs"),
+])
+def test_a_malformed_card_substructure_is_a_model_package_error_naming_the_card(package_copy, path, value, message):
+    card = json.loads((package_copy / "model.json").read_text())
+    _set(card, path, value)
+    (package_copy / "model.json").write_text(json.dumps(card))
+    with pytest.raises(ModelPackageError, match=message) as raised:
+        load_model_package(package_copy, verify=False)
+    assert str(package_copy / "model.json") in str(raised.value)
+
+
+def test_a_card_that_is_not_an_object_is_refused(package_copy):
+    (package_copy / "model.json").write_text("[1, 2]")
+    with pytest.raises(ModelPackageError, match="format_version|JSON object"):
+        load_model_package(package_copy)
+
+
+def test_the_typed_card_writes_back_the_json_it_read(demo_package):
+    """Typed entries (PackageFile, PrecisionRecord) round-trip: the demo card's JSON is unchanged, field for field."""
+    on_disk = json.loads((demo_package.folder / "model.json").read_text())
+    written = {"format_version": on_disk["format_version"], **demo_package.card.to_dict()}
+    assert json.loads(json.dumps(written)) == on_disk
+    record = demo_package.card.precision_agreement["openvino-bf16"]
+    assert isinstance(record.holds, bool) and 0 <= record.min_dice <= 1 and "per_volume" in record.details
+    assert len(demo_package.card.files["onnx"].sha256) == 64
+
+
 def test_not_a_package_is_a_clear_error(tmp_path):
     with pytest.raises(ModelPackageError, match="no model.json"):
         load_model_package(tmp_path)

@@ -152,10 +152,10 @@ def test_bf16_on_the_trained_demo_agrees_with_fp32_on_phantoms(demo_package, vol
 
 def test_the_demo_card_records_what_was_measured(demo_package):
     record = demo_package.card.precision_agreement["openvino-bf16"]
-    assert record["reference"] == "onnxruntime-fp32" and "example_ct" in record["data"]
+    assert record.details["reference"] == "onnxruntime-fp32" and "example_ct" in record.details["data"]
     # recorded as not holding: on real CT (which it does not know) the phantom model's labels are near-ties
-    assert record["holds"] == (record["voxel_agreement"] >= 0.999 and record["min_dice"] >= 0.99)
-    assert all(v["min_dice"] >= 0.995 for k, v in record["per_volume"].items() if k.startswith("phantom"))
+    assert record.holds == (record.voxel_agreement >= 0.999 and record.min_dice >= 0.99)
+    assert all(v["min_dice"] >= 0.995 for k, v in record.details["per_volume"].items() if k.startswith("phantom"))
 
 
 def test_int8_export_keeps_the_logits_layer_in_float_and_is_measured(int8_package, volumes):
@@ -174,7 +174,7 @@ def test_int8_export_keeps_the_logits_layer_in_float_and_is_measured(int8_packag
         assert record["holds"] == (record["voxel_agreement"] >= 0.999 and record["min_dice"] >= 0.99)
     record_agreement(int8_package.folder, records)
     card = load_model_package(int8_package.folder).card
-    assert not card.precision_agreement["openvino-bf16"]["holds"]  # the demo's bf16 record (see above)
+    assert not card.precision_agreement["openvino-bf16"].holds  # the demo's bf16 record (see above)
     expected = next((mode for mode in speed_order("openvino") if f"openvino-{mode}" in records and records[f"openvino-{mode}"]["holds"]), "fp32")
     assert choose_precision("auto", runtime="openvino", card=card).name == expected
 

@@ -68,13 +68,13 @@ def test_engine_key_changes_with_gpu_tensorrt_onnx_and_settings(demo_package):
     stems = {base.file_stem, *(v.file_stem for v in variants)}
     assert len(stems) == len(variants) + 1
     assert base.file_stem.startswith("nvidia-h100-80gb-hbm3-sm90-trt10.13.3.9-fp16-weak-")
-    assert base.onnx_sha256 == demo_package.card.files["onnx"]["sha256"]
+    assert base.onnx_sha256 == demo_package.card.files["onnx"].sha256
 
 
 def test_strong_typing_keys_the_weights_and_exporter_and_is_tensorrt_11s_only_mode(demo_package):
     assert default_typing("10.13.3.9") == "weak" and default_typing("11.4.0.106") == "strong"
     strong = engine_key(demo_package, H100_TRT11)
-    assert strong.typing == "strong" and strong.weights_sha256 == demo_package.card.files["weights"]["sha256"] and strong.fp16_export_version >= 1
+    assert strong.typing == "strong" and strong.weights_sha256 == demo_package.card.files["weights"].sha256 and strong.fp16_export_version >= 1
     assert engine_key(demo_package, H100).weights_sha256 == ""  # the weak build parses model.onnx only
     with pytest.raises(RuntimeUnavailableError, match="strongly typed"):
         engine_key(demo_package, H100_TRT11, typing="weak")
