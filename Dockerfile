@@ -31,18 +31,20 @@ RUN set -eu; \
     rm -rf /opt/venv/include /opt/venv/share
 
 COPY process.py /opt/app/
-COPY model/*.py model/*.json /opt/app/model/
+COPY common/*.py common/*.json /opt/app/common/
+COPY model/*.py /opt/app/model/
+COPY model/runtimes/*.py /opt/app/model/runtimes/
 COPY preprocess/*.py /opt/app/preprocess/
 COPY postprocess/*.py /opt/app/postprocess/
 ARG MODEL_PACKAGE=model/packages/demo-phantom
 COPY ${MODEL_PACKAGE}/ /opt/app/model/packages/demo-phantom/
 # The CPU flavour has no torch: drop the modules that import it (runtime.py imports them only for torch;
-# model/runtime_gpu.py stays: it tells the CPU image that there is no GPU runtime without importing torch).
+# model/runtimes/gpu.py stays: it tells the CPU image that there is no GPU runtime without importing torch).
 # Then check at build time that the bundled package loads (checksums) and its runtime opens it.
 COPY docker/check_image.py /tmp/
 RUN set -eu; \
     if [ "$FLAVOUR" = cpu ]; then rm -f /opt/app/model/network.py /opt/app/model/export.py /opt/app/model/export_fp16.py \
-        /opt/app/model/segment_torch.py /opt/app/model/cuda_runtime.py /opt/app/model/tensorrt_runtime.py /opt/app/model/build_engine.py; fi; \
+        /opt/app/model/segment_torch.py /opt/app/model/runtimes/cuda.py /opt/app/model/runtimes/tensorrt.py /opt/app/model/build_engine.py; fi; \
     cd /opt/app; \
     /opt/venv/bin/python /tmp/check_image.py algorithm --flavour "$FLAVOUR"; \
     /opt/venv/bin/python -m compileall -q /opt/app; \

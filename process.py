@@ -4,7 +4,7 @@
     python process.py --input DIR --output DIR # any folder: GC layout, or one case per CT file / DICOM folder
 
 Writes <output>/images/<output-slug>/<case>.mha (uint8 labels on the input grid, labels in
-model/labels.json), the case's measures (measures/<case>.csv), QC picture (qc/<case>.png; in Grand
+common/labels.json), the case's measures (measures/<case>.csv), QC picture (qc/<case>.png; in Grand
 Challenge's layout the Thumbnail PNG at --qc-path), DICOM-SEG for DICOM input (dicom-seg/<case>.dcm) and
 with --nifti nifti/<case>.nii.gz (README "Outputs"), and <output>/results.json. Exit codes: 0 all cases done, 2 usage, 3 bad input,
 4 bad model package, 5 output not writable or full, 6 runtime unavailable, 7 a case exceeded the
@@ -16,7 +16,6 @@ error the run stops: the output cannot take more).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -26,15 +25,15 @@ import traceback
 from pathlib import Path
 
 from model.package import ModelPackage, load_model_package
-from model.precision import PRECISIONS, choose_precision
-from model.runtime import RUNTIMES, RuntimeChoice, choose_runtime, open_runtime
-from model.runtime_gpu import GPU_RUNTIMES, choose_gpu_precision, segmenter_for, start_runtime
+from model.runtimes.choice import RUNTIMES, RuntimeChoice, segmenter_for, start_chosen_runtime
+from model.runtimes.precision import PRECISIONS
 from model.segment import SegmentStats
 from postprocess import __version__ as POSTPROCESS_VERSION
 from postprocess.dicom_seg import SEGMENTATION_TYPES
 from postprocess.outputs import StagedOutputs, check_output_writable, list_files, remove_new_files
 from postprocess.report import ReportOptions, load_vertebrae, write_case_report
-from preprocess.errors import LimitError, OutputError, TerminatedError, TrunkSegError
+from common.atomic import write_json_atomically
+from common.errors import LimitError, OutputError, TerminatedError, TrunkSegError
 from preprocess.geometry import Reorientation
 from preprocess.inputs import Case, find_cases, vertebrae_maps
 from preprocess.io import read_ct, write_label_map
@@ -138,20 +137,6 @@ def run_case(case: Case, *, package: ModelPackage, runtime, choice: RuntimeChoic
     }
 
 
-def write_json_atomically(data: dict, path: Path) -> None:
-    temp = path.with_name(f".partial-{path.name}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
-        os.replace(temp, path)
-    except OSError as error:
-        temp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write ({error.strerror})") from None
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
 def describe_failure(error: BaseException, case: Case) -> tuple[str, int]:
     """One line and an exit code for a case that failed."""
     if isinstance(error, TrunkSegError):
@@ -221,13 +206,6 @@ def stop_on_sigterm(signum, frame):
     raise TerminatedError("stopped by SIGTERM: the case in progress was discarded")
 
 
-def precision_for(requested: str, runtime: str, card):
-    """GPU runtimes: fp16 unless fp32 is asked for (model/runtime_gpu.py); CPU runtimes: model/precision.py's choice."""
-    if runtime in GPU_RUNTIMES:
-        return choose_gpu_precision(requested, runtime=runtime)
-    return choose_precision(requested, runtime=runtime, card=card)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there
@@ -253,21 +231,13 @@ def run(args: argparse.Namespace) -> int:
         check_output_writable(args.output)
         budget = memory_budget(args.memory_limit_gb)
         package = load_model_package(args.model or default_model())
-        choice = choose_runtime(args.runtime)
-        precision = precision_for(args.precision, choice.name, package.card)
-        log(f"model {package.card.identity} from {package.folder}; runtime {choice.name} ({choice.reason}); precision {precision.name} "
-            f"({precision.reason}); {len(cases.cases)} case(s), {cases.layout} layout")
-        results = {"model": {"identity": package.card.identity, "folder": str(package.folder), "description": package.card.description},
-                   "runtime": {"name": choice.name, "reason": choice.reason, "precision": precision.name,
-                               "precision_reason": precision.reason, "precision_verified": precision.verified},
-                   "output_slug": args.output_slug, "cases": []}
         exit_code = 0
-        with ReadAhead(budget=budget, read=read_ct) as reader, start_runtime(choice, package, open_runtime=lambda c, p: open_runtime(c, package, threads=args.threads, precision=p),
-                           choose_precision=lambda name: precision_for(args.precision, name, package.card), log=log) as started:
-            runtime, choice, precision = started.runtime, started.choice, started.precision
-            if started.failures:  # results.json records what runs, and what failed before it
-                results["runtime"].update(name=choice.name, reason=choice.reason, precision=precision.name, precision_reason=precision.reason,
-                                          precision_verified=precision.verified, failed_to_start=list(started.failures))
+        with ReadAhead(budget=budget, read=read_ct) as reader, start_chosen_runtime(args.runtime, args.precision, package, threads=args.threads, log=log) as started:
+            runtime, choice = started.runtime, started.choice
+            log(f"model {package.card.identity} from {package.folder}; runtime {choice.name} ({choice.reason}); precision {started.precision.name} "
+                f"({started.precision.reason}); {len(cases.cases)} case(s), {cases.layout} layout")
+            results = {"model": {"identity": package.card.identity, "folder": str(package.folder), "description": package.card.description},
+                       "runtime": started.describe(), "output_slug": args.output_slug, "cases": []}
             for index, case in enumerate(cases.cases):
                 before = list_files(args.output)
 
@@ -275,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
                     log(f"error: {message}")
                     remove_new_files(args.output, before)
                     results["cases"].append({"case_id": case.case_id, "status": "failed", "input": str(case.source), "error": message})
-                    write_json_atomically(results, args.output / "results.json")
+                    write_json_atomically(args.output / "results.json", results)
 
                 try:
                     with CaseTimer(args.time_limit_s, case=str(case.source), on_hard_timeout=on_hard_timeout):
@@ -293,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
                     if isinstance(error, (OutputError, TerminatedError)):
                         break  # the output takes no more (every later case would fail the same way), or we were told to stop
         try:
-            write_json_atomically(results, args.output / "results.json")
+            write_json_atomically(args.output / "results.json", results)
         except OutputError as error:
             if exit_code != OutputError.exit_code:  # else the case's own line already said so
                 log(f"error: {error}")

@@ -109,7 +109,8 @@ def checkout(ref: str, work: Path) -> Path:
 
 def precisions_of(tree: Path) -> tuple[str, ...]:
     """The precision modes a tree's process.py accepts (a baseline may predate some of ours)."""
-    code = f"import sys; sys.path.insert(0, {str(tree)!r}); from model.precision import PRECISIONS; print(' '.join(PRECISIONS))"
+    code = (f"import sys; sys.path.insert(0, {str(tree)!r})\ntry:\n    from model.runtimes.precision import PRECISIONS\n"
+            f"except ImportError:  # before model/runtimes/\n    from model.precision import PRECISIONS\nprint(' '.join(PRECISIONS))")
     return tuple(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split())
 
 
@@ -200,7 +201,7 @@ def bench_stages(args) -> None:
     from model.package import load_model_package
     from model.segment import SegmentStats, segment_volume
     from preprocess.resample import argmax_channels, resample_argmax, resample_slices
-    from training.phantom import make_phantom
+    from model.phantom import make_phantom
 
     rng = np.random.default_rng(0)
     stack = ndimage.gaussian_filter(rng.normal(0, 1, (8, 512, 512)), (0, 2, 2)).astype(np.float32)
@@ -267,7 +268,7 @@ def print_openvino_layer_times(key: str, package, tiles: np.ndarray, *, threads:
     import openvino
 
     from model.precision import open_runner
-    from model.runtime import onnx_role
+    from model.runtimes.precision import onnx_role
 
     runner = open_runner(key, package, threads=threads)  # for its settings only: compiled here again with PERF_COUNT
     core = openvino.Core()
@@ -320,7 +321,7 @@ def main() -> int:
 
     from model.package import load_model_package
     from model.quantize import quantize_package
-    from training.phantom import make_phantom
+    from model.phantom import make_phantom
 
     work = args.work or Path(tempfile.mkdtemp(prefix="trunkseg-bench-precision-"))
     work.mkdir(parents=True, exist_ok=True)

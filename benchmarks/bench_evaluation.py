@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_evaluation.py [--cases 100] [--distinct 4] [--baseline-cases 3] [--format mha]
 
-Data: `--distinct` different cases are generated (phantom muscles from training/phantom.py on the 13
+Data: `--distinct` different cases are generated (phantom muscles from model/phantom.py on the 13
 mid-level slices, stretched along z with a slow drift so slices differ); ground truth keeps the 13
 mid-level slices (255 elsewhere), the prediction is dense with boundary errors. The 100 case names are
 hard links to these few files: every case is still read and decompressed in full, but the page cache
@@ -40,8 +40,8 @@ sys.path.insert(0, str(REPO))
 from evaluation.labels import canonical_label_set  # noqa: E402
 from evaluation.metrics import score_case  # noqa: E402
 from evaluation.volumes import read_annotated_slices, read_prediction_slices  # noqa: E402
-from model.labels import IGNORE, LEVELS  # noqa: E402
-from training.phantom import make_annotated_slices  # noqa: E402
+from common.labels import IGNORE, LEVELS  # noqa: E402
+from model.phantom import make_annotated_slices  # noqa: E402
 
 SPACING_MM = (0.8, 0.8, 1.0)
 

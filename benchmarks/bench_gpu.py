@@ -33,8 +33,8 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from model.runtime_gpu import cuda_status, tensorrt_version  # noqa: E402
-from training.phantom import make_phantom  # noqa: E402
+from model.runtimes.gpu import cuda_status, tensorrt_version  # noqa: E402
+from model.phantom import make_phantom  # noqa: E402
 
 ROWS = {
     "ort-cpu": (["--runtime", "onnxruntime", "--precision", "fp32"], False, False),

@@ -52,7 +52,7 @@ def write_claiming_header(path: Path, size_xyz: tuple[int, int, int]) -> None:
 
 
 def write_phantom(path: str, size: int, n_slices: int) -> None:
-    from training.phantom import make_phantom
+    from model.phantom import make_phantom
 
     phantom = make_phantom(2024, size_xy=(size, size), spacing_mm=(0.8, 0.8, 1.0), n_slices=n_slices)
     sitk.WriteImage(phantom.geometry.apply_to(sitk.GetImageFromArray(phantom.ct_zyx)), path, useCompression=True)

@@ -85,7 +85,7 @@ def random_results_folder(work: Path, *, size: int, spacing: float, seed: int = 
     import torch
 
     from model.import_nnunet import architecture_of
-    from model.labels import LABELS
+    from common.labels import LABELS
     from model.network import build_network
     from tests.nnunet_helpers import save_nnunet_checkpoint
 
@@ -117,7 +117,7 @@ def results_from_package(package_dir: Path, work: Path) -> Path:
     """
     from safetensors.torch import load_model
 
-    from model.labels import NAMES
+    from common.labels import NAMES
     from model.network import build_network
     from model.package import load_model_package
     from tests.nnunet_helpers import NNUNET_2D_PREPROCESSING, save_nnunet_checkpoint
@@ -191,7 +191,7 @@ def main() -> int:
 
     from model.import_nnunet import import_nnunet
     from model.package import load_model_package
-    from training.phantom import make_phantom
+    from model.phantom import make_phantom
 
     work = args.work or Path(tempfile.mkdtemp(prefix="trunkseg-bench-nnunet-"))
     work.mkdir(parents=True, exist_ok=True)

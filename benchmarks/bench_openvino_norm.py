@@ -64,7 +64,8 @@ def main() -> int:
     from model.package import load_model_package
     from model.precision import phantom_volumes
     from model.quantize import CALIBRATION_SEEDS, calibration_tiles, quantize_onnx
-    from model.runtime import OpenVinoRunner, onnx_role
+    from model.runtimes.cpu import OpenVinoRunner
+    from model.runtimes.precision import onnx_role
 
     work = args.work or Path(tempfile.mkdtemp(prefix="trunkseg-bench-norm-"))
     folder = work / "paper-package"

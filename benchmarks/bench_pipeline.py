@@ -25,7 +25,7 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from training.phantom import make_phantom  # noqa: E402
+from model.phantom import make_phantom  # noqa: E402
 
 
 def run_process(args: list[str]) -> tuple[float, float, str]:

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_postprocess.py [--slices 300] [--repeat 3]
 
-Data: a phantom's 22 muscles and CT (training/phantom.py, 256x256 at 1.5 mm) upsampled to 512x512 at
+Data: a phantom's 22 muscles and CT (model/phantom.py, 256x256 at 1.5 mm) upsampled to 512x512 at
 0.75 mm and stretched to `--slices` slices (nearest neighbour: real label maps, real HU), with a
 TotalSegmentator-style vertebra map (the phantom's bone voxels, valued by level). DICOM-SEG is built
 from synthetic single-frame CT headers on the same grid (no pixel data is needed).
@@ -26,13 +26,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from model.labels import LABELS, LEVELS, NUM_CLASSES  # noqa: E402
+from common.labels import LABELS, LEVELS, NUM_CLASSES  # noqa: E402
 from postprocess.dicom_seg import SourceSeries, build_segmentation, dicom_seg_bytes  # noqa: E402
 from postprocess.measures import measure_slices, slice_table_csv, summarise_levels, summarise_muscles  # noqa: E402
 from postprocess.qc import png_bytes, render_qc  # noqa: E402
 from preprocess.geometry import Geometry  # noqa: E402
 from preprocess.vertebrae import LEVEL_ORDER  # noqa: E402
-from training.phantom import make_phantom  # noqa: E402
+from model.phantom import make_phantom  # noqa: E402
 
 
 def make_case(n_slices: int):

@@ -31,7 +31,7 @@ import atheris  # noqa: E402
 
 with atheris.instrument_imports(include=["preprocess"]):
     from preprocess.dicom import read_dicom_series
-    from preprocess.errors import TrunkSegError
+    from common.errors import TrunkSegError
     from preprocess.inputs import find_cases
     from preprocess.io import read_ct
     from preprocess.limits import MemoryBudget

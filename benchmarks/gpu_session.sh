@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 python=${1:-.venv/bin/python}
 slices=${2:-300}
 "$python" - <<'EOF'
-from model.runtime_gpu import cuda_status, tensorrt_version
+from model.runtimes.gpu import cuda_status, tensorrt_version
 status = cuda_status()
 print(f"GPU: {status.description}\nTensorRT: {tensorrt_version() or 'not installed'}")
 raise SystemExit(0 if status.usable else 1)

@@ -26,7 +26,7 @@ def check_algorithm(flavour: str) -> None:
 
     import process
     from model.package import load_model_package
-    from model.runtime import RuntimeChoice, open_runtime
+    from model.runtimes.choice import RuntimeChoice, open_runtime
 
     package = load_model_package(process.BUNDLED_MODEL)
     card = package.card

@@ -38,7 +38,7 @@ def check_algorithm_output(input_dir: Path, output_dir: Path, *, model_identity:
     import numpy as np
     import SimpleITK as sitk
 
-    from model.labels import BACKGROUND, LABELS
+    from common.labels import BACKGROUND, LABELS
 
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     socket = json.loads((input_dir / "inputs.json").read_text())[0]

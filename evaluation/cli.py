@@ -40,7 +40,7 @@ from evaluation.report import (
     render_slices_csv,
     write_outputs,
 )
-from model.labels import LEVELS
+from common.labels import LEVELS
 
 GC_INPUT = Path("/input")
 GC_GROUND_TRUTH = Path("/opt/ml/input/data/ground_truth")
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--predictions", type=Path, default=None, help="local mode: folder of prediction label volumes, paired with the ground truth by file name")
     parser.add_argument("--ground-truth", type=Path, default=GC_GROUND_TRUTH, help=f"folder of ground-truth label volumes (default {GC_GROUND_TRUTH})")
     parser.add_argument("--output", type=Path, default=GC_OUTPUT, help=f"where metrics.json, the per-slice CSV and the figure go (default {GC_OUTPUT})")
-    parser.add_argument("--labels", type=Path, default=None, help="labels file (product table, nnU-Net dataset.json or {name: value}); default: dataset.json or labels.json in the ground-truth folder, else model/labels.json")
+    parser.add_argument("--labels", type=Path, default=None, help="labels file (product table, nnU-Net dataset.json or {name: value}); default: dataset.json or labels.json in the ground-truth folder, else common/labels.json")
     parser.add_argument("--ignore-value", type=int, default=None, help=f"ground-truth value of unannotated voxels (default: the labels file's, else {DEFAULT_IGNORE})")
     parser.add_argument("--tolerance-mm", type=float, default=DEFAULT_TOLERANCE_MM, help=f"normalised surface Dice tolerance in mm (default {DEFAULT_TOLERANCE_MM})")
     parser.add_argument("--levels", type=Path, default=None, help="levels file (CSV case_id,slice_index,level or JSON); default: levels.csv or levels.json in the ground-truth folder")

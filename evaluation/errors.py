@@ -1,4 +1,4 @@
-"""The evaluation's exceptions: the product's family (preprocess/errors.py) plus two of its own.
+"""The evaluation's exceptions: the product's family (common/errors.py) plus two of its own.
 
 Exit codes: 2 configuration (bad option, labels/levels/mapping file), 3 bad input (InputError: an
 unreadable or inconsistent prediction or ground truth, a missing prediction), 5 output not writable.
@@ -6,7 +6,7 @@ unreadable or inconsistent prediction or ground truth, a missing prediction), 5 
 
 from __future__ import annotations
 
-from preprocess.errors import InputError, OutputError, TrunkSegError
+from common.errors import InputError, OutputError, TrunkSegError
 
 __all__ = ["CaseError", "ConfigError", "InputError", "OutputError", "TrunkSegError"]
 

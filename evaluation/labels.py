@@ -1,7 +1,7 @@
 """Which label values are scored, under which names, and which value marks unannotated voxels.
 
 A labels file is JSON in one of three shapes:
-- the product's own table (model/labels.json): {"labels": {name: value}, "ignore": 255, ...};
+- the product's own table (common/labels.json): {"labels": {name: value}, "ignore": 255, ...};
 - an nnU-Net v2 dataset.json: {"labels": {"background": 0, name: value, ..., "ignore": N}, ...};
 - a flat map {name: value}.
 "background" (must be 0) is dropped; "ignore" (inside "labels" as nnU-Net writes it, or at the top
@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evaluation.errors import ConfigError
-from model import labels as canonical
+from common import labels as canonical
 
 DEFAULT_IGNORE = 255
-CANONICAL_SOURCE = "model/labels.json"
+CANONICAL_SOURCE = "common/labels.json"
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class LabelSet:
 
 
 def canonical_label_set() -> LabelSet:
-    """The 22 canonical muscles of model/labels.py, ignore value 255."""
+    """The 22 canonical muscles of common/labels.py, ignore value 255."""
     return LabelSet(
         names=tuple(canonical.LABELS.keys()),
         values=tuple(canonical.LABELS.values()),

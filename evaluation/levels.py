@@ -4,7 +4,7 @@ Levels file (CSV or JSON; slice indices count from 0 along the axial axis of the
 - CSV with a header row `case_id,slice_index,level`, one row per slice;
 - JSON {"case_id": {"T4": 212, "T5": [190, 191], ...}} (level -> slice index or list of indices).
 Vertebra label volume: one per case, named like the case's ground truth, on any grid that overlaps it;
-voxel value i (1..13) is the i-th canonical level (T4 .. L4, model/labels.py LEVELS), 0 is no vertebra.
+voxel value i (1..13) is the i-th canonical level (T4 .. L4, common/labels.py LEVELS), 0 is no vertebra.
 A slice takes the level with most voxels on it; a slice without vertebra voxels has no level.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from evaluation.errors import CaseError, ConfigError, InputError
 from evaluation.volumes import AnnotatedSlices, read_slices_on_truth_grid
-from model.labels import LEVELS
+from common.labels import LEVELS
 from preprocess.vertebrae import majority_per_slice, order_levels  # shared with the algorithm's per-level measures
 
 __all__ = ["LevelTable", "load_level_table", "levels_from_table", "levels_from_volume", "order_levels"]

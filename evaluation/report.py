@@ -11,14 +11,12 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from evaluation import __version__
-from evaluation.errors import OutputError
+from common.atomic import write_bytes_atomically
 from evaluation.evaluate import CaseResult, Settings
 from evaluation.metrics import HD_PERCENT
 
@@ -298,33 +296,16 @@ def render_metrics_json(metrics: dict) -> str:
         raise RuntimeError(f"metrics hold a non-finite number: {error}") from None
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(prefix=f".partial-{path.name}.", dir=path.parent)
-    except OSError as error:
-        raise OutputError(f"{path.parent}: cannot write output ({error.strerror})") from None
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except OSError as error:
-        Path(temp).unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write ({error.strerror})") from None
-
-
 def write_outputs(output_dir: Path, *, metrics: dict, slices_csv: str, figure_png: bytes | None) -> list[Path]:
     """Write the CSV and the figure, then metrics.json last; return the paths written."""
     output_dir = Path(output_dir)
     metrics_text = render_metrics_json(metrics)
     written = []
-    write_atomically(output_dir / SLICES_FILE, slices_csv.encode("utf-8"))
+    write_bytes_atomically(output_dir / SLICES_FILE, slices_csv.encode("utf-8"))
     written.append(output_dir / SLICES_FILE)
     if figure_png is not None:
-        write_atomically(output_dir / FIGURE_FILE, figure_png)
+        write_bytes_atomically(output_dir / FIGURE_FILE, figure_png)
         written.append(output_dir / FIGURE_FILE)
-    write_atomically(output_dir / METRICS_FILE, metrics_text.encode("utf-8"))
+    write_bytes_atomically(output_dir / METRICS_FILE, metrics_text.encode("utf-8"))
     written.append(output_dir / METRICS_FILE)
     return written

@@ -18,12 +18,12 @@ import tempfile
 from pathlib import Path
 
 from model.package import load_model_package
-from model.tensorrt_runtime import (
+from model.runtimes.tensorrt import (
     DEFAULT_MAX_BATCH, DEFAULT_MIN_BATCH, DEFAULT_OPT_BATCH, ENGINE_FOLDER, PRECISIONS, TYPINGS, check_tensorrt_operators,
     default_cache_dir, engine_key, ensure_engine, gpu_identity,
 )
-from model.runtime_gpu import tensorrt_installed
-from preprocess.errors import RuntimeUnavailableError, TrunkSegError
+from model.runtimes.gpu import tensorrt_installed
+from common.errors import RuntimeUnavailableError, TrunkSegError
 
 
 def check_graphs(package, *, precision: str, log) -> int:

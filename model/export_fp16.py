@@ -34,7 +34,7 @@ class Float32Island(torch.nn.Module):
         self.layer = layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):  # also under autocast (model/cuda_runtime.py)
+        with torch.autocast(x.device.type, enabled=False):  # also under autocast (model/runtimes/cuda.py)
             return self.layer(x.float()).to(x.dtype)
 
 

@@ -17,7 +17,7 @@ What is taken from where:
 - spacing and tile: the configuration's spacing and patch_size, in the axis order the network sees
   (after plans' transpose_forward).
 - labels: dataset.json label names (channel c is the label with value c, as in nnU-Net), mapped by
-  name to model/labels.json with an alias table for common spellings and --label-map for the rest.
+  name to common/labels.json with an alias table for common spellings and --label-map for the rest.
   An unmapped label is an error.
 - frame: nnU-Net does not reorient; a model learns in the voxel order of its training files. The
   frame comes from --frame, from --training-image (read with SimpleITK, as nnU-Net's SimpleITKIO
@@ -41,9 +41,9 @@ from typing import Any
 
 import numpy as np
 
-from model.labels import LABELS, NAMES
+from common.labels import LABELS, NAMES
 from model.package import NNUNET_LAYERS, ModelCard, Normalization, sha256_of, write_model_card
-from preprocess.errors import ModelPackageError, TrunkSegError
+from common.errors import ModelPackageError, TrunkSegError
 
 PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
 RESENC = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
@@ -149,7 +149,7 @@ def channel_labels_of(dataset: dict, label_map: dict[str, Any] | None = None) ->
         mapping[name] = NAMES[canonical]
     if unmapped:
         raise ModelPackageError(
-            f"dataset.json: label(s) {unmapped} do not match a canonical muscle (model/labels.json); give --label-map "
+            f"dataset.json: label(s) {unmapped} do not match a canonical muscle (common/labels.json); give --label-map "
             f"FILE.json with {{\"dataset name\": \"canonical name\"}}, e.g. {{{json.dumps(unmapped[0])}: \"psoas_major_left\"}}"
         )
     seen: dict[int, str] = {}
@@ -168,7 +168,7 @@ def _canonical_target(target: Any, name: str) -> int:
     elif isinstance(target, str):
         if normalise_name(target) in LABELS:
             return LABELS[normalise_name(target)]
-    raise ModelPackageError(f"--label-map: {name!r} -> {target!r} is not a canonical muscle name or value (model/labels.json)")
+    raise ModelPackageError(f"--label-map: {name!r} -> {target!r} is not a canonical muscle name or value (common/labels.json)")
 
 
 # --- plans ---------------------------------------------------------------------------------------------
@@ -276,7 +276,7 @@ def transposed_frame(training_frame: str, transpose_forward: list[int]) -> str:
 
 def frame_of(*, option: str | None, training_image: Path | None, dataset: dict, plans: dict) -> tuple[str, str]:
     """(frame of the training files, where it came from)."""
-    from preprocess.geometry import _parse_frame
+    from preprocess.geometry import parse_frame
 
     candidates = []
     if option:
@@ -295,7 +295,7 @@ def frame_of(*, option: str | None, training_image: Path | None, dataset: dict, 
         )
     for frame, source in candidates:
         try:
-            _parse_frame(frame)
+            parse_frame(frame)
         except ValueError as error:
             raise ModelPackageError(f"{source}: {error}") from None
     frame, source = candidates[0]

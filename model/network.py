@@ -15,7 +15,7 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
 from model.package import NNUNET_LAYERS, ModelPackage
-from preprocess.errors import ModelPackageError
+from common.errors import ModelPackageError
 
 NETWORK_CLASSES = {
     "dynamic_network_architectures.architectures.unet.PlainConvUNet": PlainConvUNet,

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from model.labels import LABELS, NAMES
-from preprocess.errors import ModelPackageError
+from common.labels import LABELS, NAMES
+from common.errors import ModelPackageError
 
 CARD_NAME = "model.json"
 #: names of the ONNX export's input (batch, channels, tile_y, tile_x) and output (batch, classes, tile_y, tile_x)

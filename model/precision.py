@@ -1,15 +1,9 @@
-"""CPU precision modes: which one runs, and the measurement that allows it.
+"""Measuring a reduced precision's agreement with fp32 on a model, and recording it in the model card.
 
-A reduced precision (bf16, int8) changes the network's logits a little; whether that moves the
-segmentation is a property of the weights, so it is measured per model and recorded in the model
-card (`precision_agreement`, keyed by runner name such as "openvino-bf16"): the mode's labels against
-the fp32 labels of the same weights (ONNX Runtime fp32, the reference every other test compares
-with nnU-Net), through the real segmenter, on phantoms and real CT. A mode holds when the voxel
-agreement is >= 99.9 % and every label with >= 100 voxels has Dice >= 0.99.
-
-`--precision auto` (the default) takes the fastest mode of the chosen runtime that holds on the model
-in use, else fp32. An explicit `--precision bf16|int8|int8+bf16` runs even where nothing was recorded, and the
-log and results.json say so.
+The mode's labels against the fp32 labels of the same weights (ONNX Runtime fp32, the reference every
+other test compares with nnU-Net), through the real segmenter, on phantoms and real CT. A mode holds
+when the voxel agreement is >= 99.9 % and every label with >= 100 voxels has Dice >= 0.99; which mode
+then runs is model/runtimes/precision.py's choice.
 
     python -m model.precision PKG [--ct FILE ...] [--modes openvino-bf16 openvino-int8 openvino-int8+bf16 onnxruntime-int8] [--write]
 
@@ -23,93 +17,18 @@ import platform
 import sys
 import time
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from model.package import ModelCard, ModelPackage, load_model_package, write_model_card
-from model.runtime import onnx_role, uses_bf16
+from model.runtimes.precision import cpu_has_native_bf16
 
-PRECISIONS = ("auto", "fp32", "bf16", "int8", "int8+bf16")
 MIN_VOXEL_AGREEMENT = 0.999
 MIN_DICE = 0.99
 MIN_VOXELS_FOR_DICE = 100
-#: per CPU runtime, its reduced-precision modes from fastest to slowest on a CPU with AMX (dev-2c, docs/benchmarks.md;
-#: int8+bf16 was not measured there: it runs int8's graph with its float parts in bf16, so it is placed before int8)
-SPEED_ORDER = {
-    "openvino": ("bf16", "int8+bf16", "int8"),
-    "onnxruntime": ("int8",),
-    "torch-cpu": ("bf16",),
-}
-#: the same without AMX: with AVX512-BF16 and VNNI alone (dev-2c-amd, EPYC Zen 4) OpenVINO's int8 ran about 10 %
-#: faster than its bf16 on both the demo and the paper-sized network, and int8+bf16 another 10-20 % faster on the
-#: paper-sized one; without native bf16 only int8 is left anyway (mode_available)
-SPEED_ORDER_WITHOUT_AMX = {**SPEED_ORDER, "openvino": ("int8+bf16", "int8", "bf16")}
 #: the phantoms agreement is measured on (held out from the int8 calibration seeds in model/quantize.py)
 AGREEMENT_SEEDS = (424_242, 424_243, 424_244)
-
-
-@dataclass(frozen=True)
-class PrecisionChoice:
-    name: str
-    reason: str
-    verified: bool  # the card records that this mode agrees with fp32 on this model (always True for fp32)
-
-
-def runner_key(runtime: str, precision: str) -> str:
-    return f"{runtime}-{precision}"
-
-
-def choose_precision(requested: str, *, runtime: str, card: ModelCard) -> PrecisionChoice:
-    """The precision `runtime` runs for this model, and why (see the module docstring)."""
-    if requested not in PRECISIONS:
-        raise ValueError(f"unknown precision {requested!r} (choose from {', '.join(PRECISIONS)})")
-    records = card.precision_agreement
-    if requested != "auto":
-        if requested == "fp32":
-            return PrecisionChoice("fp32", "requested on the command line", True)
-        record = records.get(runner_key(runtime, requested))
-        if record and record.holds:
-            return PrecisionChoice(requested, f"requested; agrees with fp32 on this model (min Dice {record.min_dice:.4f})", True)
-        what = "does NOT agree with fp32 on this model" if record else "has no recorded agreement with fp32 for this model"
-        return PrecisionChoice(requested, f"requested on the command line; {runner_key(runtime, requested)} {what}", False)
-    for mode in speed_order(runtime):
-        record = records.get(runner_key(runtime, mode))
-        if record and record.holds and mode_available(runtime, mode, card):
-            return PrecisionChoice(mode, f"fastest mode of {runtime} that agrees with fp32 on this model "
-                                         f"(voxels {100 * record.voxel_agreement:.3f} %, min Dice {record.min_dice:.4f})", True)
-    return PrecisionChoice("fp32", f"no faster mode of {runtime} is recorded as agreeing with fp32 on this model", True)
-
-
-def mode_available(runtime: str, mode: str, card: ModelCard) -> bool:
-    """Whether this machine and package can run `mode` natively (bf16 needs AMX or AVX512-BF16; int8 its ONNX file)."""
-    if onnx_role(mode) not in card.files:
-        return False
-    return cpu_has_native_bf16() if uses_bf16(mode) else True
-
-
-def speed_order(runtime: str) -> tuple[str, ...]:
-    """`runtime`'s reduced-precision modes, fastest first on this CPU."""
-    return (SPEED_ORDER if cpu_has_amx() else SPEED_ORDER_WITHOUT_AMX).get(runtime, ())
-
-
-@lru_cache(maxsize=1)
-def _cpu_flags() -> frozenset[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    return frozenset(flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split())
-
-
-def cpu_has_native_bf16() -> bool:
-    flags = _cpu_flags()
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def cpu_has_amx() -> bool:
-    return "amx_bf16" in _cpu_flags()
 
 
 # --- measuring agreement -----------------------------------------------------------------------------
@@ -126,7 +45,7 @@ class Volume:
 
 def phantom_volumes(card: ModelCard, *, seeds=AGREEMENT_SEEDS, n_slices: int = 13) -> list[Volume]:
     """Phantoms around the model's pixel spacing (one finer, one coarser, one equal), 13 slices T4-L4 each."""
-    from training.phantom import make_phantom
+    from model.phantom import make_phantom
 
     out = []
     factors = (0.8, 1.0, 1.25)
@@ -184,7 +103,7 @@ def agreement_of(reference: list[np.ndarray], candidate: list[np.ndarray]) -> di
 
 
 def open_runner(key: str, package: ModelPackage, *, threads: int | None):
-    from model.runtime import OnnxRuntimeRunner, OpenVinoRunner, TorchRunner
+    from model.runtimes.cpu import OnnxRuntimeRunner, OpenVinoRunner, TorchRunner
 
     runtime, precision = key.rsplit("-", 1)
     if runtime == "openvino":
@@ -260,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--write", action="store_true", help="record the results in the model card")
     args = parser.parse_args(argv)
-    from preprocess.errors import TrunkSegError
+    from common.errors import TrunkSegError
 
     try:
         package = load_model_package(args.package)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from model.package import INPUT_NAME, ModelCard, load_model_package, write_model_card
-from model.runtime import onnx_role
+from model.runtimes.precision import onnx_role
 
 INT8_FILE = "model.int8.onnx"
 #: phantoms for calibration (the agreement check uses other seeds: model/precision.py AGREEMENT_SEEDS)
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ct", type=Path, nargs="*", default=[], help="real CT files or DICOM folders for calibration")
     parser.add_argument("--check", action="store_true", help="measure and record the int8 agreement with fp32")
     args = parser.parse_args(argv)
-    from preprocess.errors import TrunkSegError
+    from common.errors import TrunkSegError
 
     try:
         target = quantize_package(args.package, ct=args.ct, log=lambda m: print(m, file=sys.stderr))

@@ -29,6 +29,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from model.package import ModelCard
+from model.runtimes.contract import WritesInto
 from preprocess.intensity import normalize_ct
 from preprocess.resample import needs_resampling, resample_argmax, resample_slices, target_shape_yx
 
@@ -225,7 +226,7 @@ def segment_volume(
         extremes = np.array([volume_zyx.min(), volume_zyx.max()], dtype=np.float32)
         volume_bounds = normalize_ct(extremes, clip_low=norm.clip_low, clip_high=norm.clip_high, mean=norm.mean, std=norm.std)
     single_tile = plan.single_tile
-    infer_into = getattr(network, "infer_into", None)  # optional: a runtime that writes logits into a given array
+    infer_into = network.infer_into if isinstance(network, WritesInto) else None  # a runner that writes into our buffer
     buffers = [np.empty((chunk, n_classes, *padded), dtype=np.float32) for _ in range(n_buffers)]  # the chunks' logits, allocated once
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trunkseg-argmax") if overlap else None
     pending: deque[Future] = deque()

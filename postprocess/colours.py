@@ -12,7 +12,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from model.labels import LABELS
+from common.labels import LABELS
 
 #: muscle (without side) -> RGB of its right side
 BASE_RGB = MappingProxyType({

@@ -42,10 +42,10 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
 
-from model.labels import LABELS
+from common.labels import LABELS
 from postprocess.colours import COLOURS
 from preprocess.dicom import list_ct_slices, sort_slices
-from preprocess.errors import InputError
+from common.errors import InputError
 
 #: Type 2 attributes of the Patient, General Study and General Equipment modules that highdicom copies from the
 #: source into the SEG: absent ones are added empty (what Type 2 allows) on the headers' copies, never the files

@@ -12,10 +12,10 @@ atomic) and keeps the target's suffixes, which is how SimpleITK picks a writer.
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
-from preprocess.errors import OutputError
+from common.atomic import temporary_name_for
+from common.errors import OutputError
 
 
 class StagedOutputs:
@@ -29,7 +29,7 @@ class StagedOutputs:
             final.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise OutputError(f"{final.parent}: cannot create the output folder ({error.strerror})") from None
-        temp = final.with_name(f".partial-{secrets.token_hex(4)}-{final.name}")
+        temp = temporary_name_for(final)
         self._pending.append((temp, final))
         return temp
 

@@ -18,7 +18,7 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from model.labels import LABELS
+from common.labels import LABELS
 from postprocess.colours import colour_lookup_table
 from postprocess.measures import SliceMeasures, level_slices
 

@@ -13,9 +13,9 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 
-from preprocess.errors import InputError
+from common.errors import InputError
 from preprocess.geometry import Geometry
-from preprocess.io import check_hu_range
+from preprocess.intensity import check_hu_range
 
 #: relative tolerance on slice spacing before a series counts as having gaps
 SPACING_TOLERANCE = 0.05

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from preprocess.errors import InputError
+from common.errors import InputError
 
 _LETTER_AXIS = {"L": (0, 1), "R": (0, -1), "P": (1, 1), "A": (1, -1), "S": (2, 1), "I": (2, -1)}
 _AXIS_LETTERS = {0: ("R", "L"), 1: ("A", "P"), 2: ("I", "S")}
@@ -72,7 +72,7 @@ def _nearest_physical_axes(direction: np.ndarray) -> tuple[tuple[int, int, int],
     return tuple(int(p) for p in physical), tuple(int(s) for s in signs)
 
 
-def _parse_frame(frame: str) -> tuple[list[int], list[int]]:
+def parse_frame(frame: str) -> tuple[list[int], list[int]]:
     frame = frame.upper()
     if len(frame) != 3 or any(c not in _LETTER_AXIS for c in frame):
         raise ValueError(f"frame code {frame!r} is not three of L/R, P/A, S/I")
@@ -98,7 +98,7 @@ class Reorientation:
     @classmethod
     def between(cls, geometry: Geometry, target_frame: str) -> "Reorientation":
         physical, signs = _nearest_physical_axes(geometry.direction_matrix)
-        target_axes, target_signs = _parse_frame(target_frame)
+        target_axes, target_signs = parse_frame(target_frame)
         # source image axis i (xyz order) carries physical axis physical[i]; target axis k wants target_axes[k]
         source_for_target = [physical.index(target_axes[k]) for k in range(3)]
         flips_xyz = [k for k in range(3) if signs[source_for_target[k]] != target_signs[k]]

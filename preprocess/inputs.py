@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from preprocess.errors import InputError
+from common.errors import InputError
 from preprocess.io import case_id, is_image_file
 
 IMAGE_KINDS = {"Image", "DICOM Image Set"}

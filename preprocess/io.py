@@ -8,9 +8,7 @@ preprocess/dicom.py owns the series logic (selection, ordering, gaps).
 from __future__ import annotations
 
 import gzip
-import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Callable
@@ -18,8 +16,10 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
-from preprocess.errors import InputError, OutputError
+from common.atomic import atomic_path
+from common.errors import InputError, OutputError
 from preprocess.geometry import Geometry
+from preprocess.intensity import check_hu_range
 
 IMAGE_SUFFIXES = (".mha", ".mhd", ".nii", ".nii.gz", ".nrrd", ".nhdr")
 _REAL_PIXEL_IDS = {
@@ -266,18 +266,6 @@ def check_ct_image(image: sitk.Image, source: Path) -> None:
         raise InputError(f"{source}: invalid voxel spacing {image.GetSpacing()}")
 
 
-#: below this span of values (HU) a volume cannot be a CT of the trunk (air to muscle alone spans ~1000 HU)
-MIN_HU_SPAN = 200.0
-
-
-def check_hu_range(volume_zyx: np.ndarray, source: Path) -> None:
-    """Refuse volumes that are not CT in Hounsfield units: NaN/Inf, constant, a mask (0/1) or normalised data."""
-    if volume_zyx.dtype.kind == "f" and not np.isfinite(volume_zyx).all():
-        raise InputError(f"{source}: image holds NaN or infinite voxels")
-    low, high = float(volume_zyx.min()), float(volume_zyx.max())
-    if high - low < MIN_HU_SPAN:
-        what = "constant" if high == low else f"values span only {low:g} to {high:g}"
-        raise InputError(f"{source}: image is {what}: not a CT in Hounsfield units (a mask, or normalised data?)")
 
 
 def to_hu_array(image: sitk.Image, source: Path) -> np.ndarray:
@@ -308,7 +296,7 @@ def read_ct(path: Path, *, check_size: SizeCheck | None = None) -> tuple[np.ndar
     """
     path = Path(path)
     if path.is_dir():
-        from preprocess.dicom import read_dicom_series
+        from preprocess.dicom import read_dicom_series  # pydicom only where DICOM is read (the evaluation image has none)
 
         return read_dicom_series(path, check_size=check_size)
     if not path.exists():
@@ -350,19 +338,8 @@ def write_label_map(labels_zyx: np.ndarray, geometry: Geometry, path: Path) -> N
 
 def write_image_atomically(image: sitk.Image, path: Path) -> None:
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(prefix=".partial-", suffix="".join(path.suffixes), dir=path.parent)
-        os.close(handle)
-    except OSError as error:
-        raise OutputError(f"{path.parent}: cannot write output ({error.strerror})") from None
-    try:
-        sitk.WriteImage(image, temp, useCompression=True)
-        os.chmod(temp, 0o644)  # mkstemp makes 0600: readers of the output are often another user
-        os.replace(temp, path)
-    except (RuntimeError, OSError) as error:
-        Path(temp).unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write image ({_reason(error)})") from None
-    except BaseException:  # a time budget's alarm, an interrupt: leave no partial file
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temp:
+        try:
+            sitk.WriteImage(image, str(temp), useCompression=True)
+        except RuntimeError as error:
+            raise OutputError(f"{path}: cannot write image ({_reason(error)})") from None

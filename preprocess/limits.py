@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from preprocess.errors import MemoryBudgetError, TimeBudgetError
+from common.errors import MemoryBudgetError, TimeBudgetError
 
 GC_DEFAULT_JOB_TIME_LIMIT_S = 3600
 GC_DEFAULT_JOB_MEMORY_GB = 8

@@ -7,7 +7,7 @@ Label schemes (what a voxel value of the vertebra map means):
 - "totalsegmentator": TotalSegmentator v2's `total` task (and its `vertebrae_body`-free subsets):
   26 S1, 27 L5, 28 L4, 29 L3, 30 L2, 31 L1, 32 T12, ..., 43 T1, 44 C7, ..., 50 C1. Every other value
   (organs, ribs, muscles, sacrum 25) is not a vertebra and is ignored.
-- "levels": 1..13 are the canonical levels T4..L4 (model/labels.py LEVELS), 0 none; any other value is
+- "levels": 1..13 are the canonical levels T4..L4 (common/labels.py LEVELS), 0 none; any other value is
   an error (the evaluation's convention).
 
 The map may lie on any grid: it is resampled onto the CT's grid in physical space with nearest
@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from model.labels import LEVELS
-from preprocess.errors import InputError
+from common.labels import LEVELS
+from common.errors import InputError
 from preprocess.geometry import Geometry
 from preprocess.io import read_image
 

@@ -105,7 +105,7 @@ def evaluation_image(docker_client):
     return docker_client.images.get(EVALUATION)
 
 
-def _readable(folder: Path) -> None:
+def make_readable(folder: Path) -> None:
     """Let the container's user read what the host wrote."""
     for path in [folder, *folder.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
@@ -143,7 +143,7 @@ def sample(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("container-sample")
     info = make_sample.algorithm_input(make_sample.BUNDLED_CT, folder / "input")
     info["override"] = make_sample.override_model(REPO / "model" / "packages" / "demo-phantom", folder / "model")
-    _readable(folder)
+    make_readable(folder)
     return info
 
 
@@ -231,7 +231,7 @@ def test_broken_model_mount_fails_clearly(docker_client, algorithm_image, sample
     broken = tmp_path / "model"
     shutil.copytree(sample["override"]["model"], broken)
     (broken / "model.onnx").write_bytes(b"not an onnx file")
-    _readable(broken)
+    make_readable(broken)
     code, log = gc_run(docker_client, algorithm_image, input_dir=Path(sample["input"]), output_dir=tmp_path / "out",
                        mounts={broken: "/opt/ml/model"})
     assert code == 4, log
@@ -250,7 +250,7 @@ def test_read_only_root_filesystem(docker_client, algorithm_image, sample, tmp_p
 def test_real_ct_in_the_container(docker_client, algorithm_image, ts_example, tmp_path):
     """A real CT (int32 HU, stored RAS-wise, uploaded as .nii.gz): Grand Challenge re-encodes it as <pk>.mha."""
     info = make_sample.algorithm_input(ts_example / "example_ct.nii.gz", tmp_path / "input")
-    _readable(tmp_path / "input")
+    make_readable(tmp_path / "input")
     code, log = gc_run(docker_client, algorithm_image, input_dir=tmp_path / "input", output_dir=tmp_path / "out")
     assert code == 0, log
     problems = check_outputs.check_algorithm_output(tmp_path / "input", tmp_path / "out")
@@ -279,8 +279,8 @@ def _evaluate(docker_client, image, tmp_path: Path, prediction: Path) -> dict:
     make_sample.evaluation_input(tmp_path / "input", {"phantom-demo.mha": prediction})
     truth = tmp_path / "ground_truth"
     shutil.copytree(make_sample.BUNDLED_TRUTH_DIR, truth)
-    _readable(tmp_path / "input")
-    _readable(truth)
+    make_readable(tmp_path / "input")
+    make_readable(truth)
     code, log = gc_run(docker_client, image, input_dir=tmp_path / "input", output_dir=tmp_path / "out",
                        mounts={truth: "/opt/ml/input/data/ground_truth"}, read_only=True)
     assert code == 0, log

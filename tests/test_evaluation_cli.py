@@ -20,7 +20,7 @@ from scipy import ndimage
 from evaluation.cli import main
 from evaluation.labels import canonical_label_set, load_label_set, with_ignore
 from evaluation.volumes import read_annotated_slices, read_prediction_slices
-from model.labels import IGNORE, LABELS, LEVELS
+from common.labels import IGNORE, LABELS, LEVELS
 from tests.conftest import REPO, write_volume
 
 gc_stats = pytest.importorskip("grand_challenge_metrics.stats", reason="oracle grand-challenge-metrics not installed (requirements/evaluation-test.txt)")

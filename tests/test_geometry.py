@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from preprocess.errors import InputError
+from common.errors import InputError
 from preprocess.geometry import Geometry, Reorientation
 
 FRAMES = ["LPS", "RAS", "LAS", "RPI", "PIR", "ASL", "IRP", "SAR", "LPI"]

@@ -1,6 +1,6 @@
 """process.py with a GPU runtime: the device pipeline, results.json and the logged fallback, with a stand-in for the GPU.
 
-The stand-in behaves as a GPU runtime to process.py (device_pipeline, run_device on tensors) and computes with
+The stand-in behaves as a GPU runtime to process.py (a DevicePipeline: device and run_device on tensors) and computes with
 ONNX Runtime on the CPU device, so the wiring is tested here; the real GPU runtimes are tested in
 tests/test_gpu_runtime.py and tests/test_tensorrt.py (marked `gpu`).
 """
@@ -10,17 +10,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model import runtime_gpu
-from preprocess.errors import RuntimeUnavailableError
+from model.runtimes import choice as runtime_choice
+from common.errors import RuntimeUnavailableError
 
 
 class DevicePipelineStandIn:
-    """Behaves as a GPU runtime to process.py (device_pipeline, run_device on tensors), computing with ONNX Runtime on the CPU."""
+    """Behaves as a GPU runtime to process.py (a DevicePipeline: device and run_device on tensors), computing with ONNX Runtime on the CPU."""
 
-    device_pipeline, device, preferred_batch_size = True, "cpu", 4
+    device, preferred_batch_size = "cpu", 4
 
     def __init__(self, package, *, name="torch-cuda-fp16", fails_with=None):
-        from model.runtime import OnnxRuntimeRunner
+        from model.runtimes.cpu import OnnxRuntimeRunner
 
         self.name, self.fails_with = name, fails_with
         self.inner = OnnxRuntimeRunner(package, threads=2)
@@ -46,7 +46,7 @@ class DevicePipelineStandIn:
 def small_ct(tmp_path):
     import SimpleITK as sitk
 
-    from training.phantom import make_phantom
+    from model.phantom import make_phantom
 
     phantom = make_phantom(3, size_xy=(220, 200), spacing_mm=(1.2, 1.2, 1.0), n_slices=4)
     (tmp_path / "in").mkdir()
@@ -65,7 +65,7 @@ def test_process_runs_a_gpu_runtime_through_the_device_pipeline_and_falls_back_w
     import json
 
     import process
-    from model.runtime import RuntimeChoice
+    from model.runtimes.choice import RuntimeChoice
 
     common = ["--input", str(small_ct / "in"), "--threads", "2"]
     assert process.main([*common, "--output", str(small_ct / "cpu"), "--runtime", "onnxruntime", "--precision", "fp32"]) == 0
@@ -78,8 +78,8 @@ def test_process_runs_a_gpu_runtime_through_the_device_pipeline_and_falls_back_w
         stand_ins.append(runner)
         return runner
 
-    monkeypatch.setattr(runtime_gpu, "open_gpu_runtime", open_stand_in)
-    monkeypatch.setattr(process, "choose_runtime", lambda requested: RuntimeChoice("tensorrt", "stand-in GPU", ("torch-cuda", "onnxruntime")))
+    monkeypatch.setattr(runtime_choice, "open_gpu_runtime", open_stand_in)
+    monkeypatch.setattr(runtime_choice, "choose_runtime", lambda requested: RuntimeChoice("tensorrt", "stand-in GPU", ("torch-cuda", "onnxruntime")))
     assert process.main([*common, "--output", str(small_ct / "gpu")]) == 0
     err = capsys.readouterr().err
     assert "runtime tensorrt failed to start (engine build failed); falling back to torch-cuda" in err

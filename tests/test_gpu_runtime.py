@@ -7,9 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from model import runtime_gpu
-from model.runtime_gpu import CudaStatus, choose_gpu_precision, choose_gpu_runtime, start_runtime
-from preprocess.errors import ModelPackageError, RuntimeUnavailableError
+from model.runtimes import gpu as runtime_gpu
+from model.runtimes.choice import segmenter_for, start_runtime
+from model.runtimes.gpu import CudaStatus, choose_gpu_runtime
+from model.runtimes.precision import choose_gpu_precision
+from common.errors import ModelPackageError, RuntimeUnavailableError
 from tests.gpu_helpers import NO_CUDA_REASON, has_cuda
 
 GPU = CudaStatus(True, "NVIDIA H100 (sm 9.0, 80 GiB, driver 580.65, torch 2.13.0 with CUDA 13.0)")
@@ -131,21 +133,23 @@ def test_cpu_runtimes_keep_the_numpy_segmenter_and_gpu_runtimes_get_the_device_o
     from model.segment import segment_volume
 
     class CpuRuntime:
+        preferred_batch_size = None
+
         def __call__(self, batch):
             return batch
 
     cpu = CpuRuntime()
-    assert runtime_gpu.segmenter_for(cpu, None) == (segment_volume, cpu, 4)
-    assert runtime_gpu.segmenter_for(cpu, 7)[2] == 7
+    assert segmenter_for(cpu, None) == (segment_volume, cpu, 4)
+    assert segmenter_for(cpu, 7)[2] == 7
 
     class GpuRuntime:
-        device_pipeline, device, preferred_batch_size = True, "cpu", 16
+        device, preferred_batch_size = "cpu", 16
 
         def run_device(self, batch):
             return batch
 
     gpu = GpuRuntime()
-    segment, network, batch = runtime_gpu.segmenter_for(gpu, None)
+    segment, network, batch = segmenter_for(gpu, None)
     assert segment.func.__name__ == "segment_volume_device" and segment.keywords == {"device": "cpu"}
     assert network == gpu.run_device and batch == 16
 
@@ -166,7 +170,7 @@ def test_runtime_is_exited_when_the_work_fails():
 def test_cuda_graphs_replay_what_eager_computes(demo_package, precision):
     import torch
 
-    from model.cuda_runtime import TorchCudaRunner
+    from model.runtimes.cuda import TorchCudaRunner
 
     batch = torch.randn((5, 1, *demo_package.card.tile_size), device="cuda")
     with TorchCudaRunner(demo_package, precision=precision, cuda_graphs=False) as eager, TorchCudaRunner(demo_package, precision=precision) as graphed:
@@ -180,11 +184,11 @@ def test_cuda_graphs_replay_what_eager_computes(demo_package, precision):
 @pytest.mark.gpu
 @pytest.mark.skipif(not has_cuda(), reason=NO_CUDA_REASON)
 def test_torch_cuda_fp16_segments_like_fp32_onnxruntime(demo_package):
-    from model.cuda_runtime import TorchCudaRunner
-    from model.runtime import OnnxRuntimeRunner
+    from model.runtimes.cuda import TorchCudaRunner
+    from model.runtimes.cpu import OnnxRuntimeRunner
     from model.segment import segment_volume
     from model.segment_torch import segment_volume_device
-    from training.phantom import make_phantom
+    from model.phantom import make_phantom
 
     phantom = make_phantom(5, size_xy=(512, 512), spacing_mm=(0.8, 0.8, 1.0), n_slices=24)
     with OnnxRuntimeRunner(demo_package, threads=2) as fp32:

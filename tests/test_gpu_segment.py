@@ -20,7 +20,7 @@ from model.segment_torch import segment_volume_device  # noqa: E402
 from preprocess.resample import linear_taps, spline_matrix  # noqa: E402
 from preprocess.resample import resample_linear  # noqa: E402
 from tests.gpu_helpers import NO_CUDA_REASON, has_cuda  # noqa: E402
-from training.phantom import make_phantom  # noqa: E402
+from model.phantom import make_phantom  # noqa: E402
 
 NORM = Normalization("CT", clip_low=-1000.0, clip_high=1000.0, mean=0.0, std=100.0)
 
@@ -128,7 +128,7 @@ def test_demo_model_through_onnxruntime_agrees_with_the_reference(demo_package):
     Not guaranteed bit-exact: the matrix products of the cubic resampling may sum in another order
     (about 1e-7 relative); a voxel can change only where two logits are that close to a tie.
     """
-    from model.runtime import OnnxRuntimeRunner
+    from model.runtimes.cpu import OnnxRuntimeRunner
 
     phantom = make_phantom(11, size_xy=(500, 480), spacing_mm=(0.8, 0.8, 1.0), n_slices=3)  # 267x256 at 1.5 mm: 2 tiles a slice
     card = demo_package.card

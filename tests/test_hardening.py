@@ -2,7 +2,7 @@
 
 Every item of the corpus (tests/hardening_corpus.py) is driven through process.main (the CLI, in
 process) and a few through `python process.py` as a subprocess (disk full, a hung case); the container
-runs a handful more (tests/test_hardening_containers.py). Exit codes: preprocess/errors.py.
+runs a handful more (tests/test_hardening_containers.py). Exit codes: common/errors.py.
 """
 
 from __future__ import annotations

@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 
 from tests import hardening_corpus as corpus
-from tests.test_containers import _readable, algorithm_image, docker_client  # noqa: F401  (fixtures)
+from tests.test_containers import make_readable, algorithm_image, docker_client  # noqa: F401  (fixtures)
 
 RUN_TIMEOUT_S = 300
 MEMORY = "4g"
 
 
 def locked_down_run(client, image, *, input_dir: Path, output_dir: Path | None, output_tmpfs: str | None = None) -> tuple[int, str]:
-    _readable(input_dir)
+    make_readable(input_dir)
     volumes = {str(input_dir): {"bind": "/input", "mode": "ro"}}
     tmpfs = {"/tmp": "rw,size=256m"}
     if output_dir is not None:
@@ -112,7 +112,7 @@ def test_docker_stop_ends_the_run_cleanly_with_143(docker_client, algorithm_imag
     import time
 
     _gc_input(tmp_path / "input", lambda s: corpus.write_image(corpus.small_ct(6, (60, 200, 240)), s / "3f1c.mha"))
-    _readable(tmp_path / "input")
+    make_readable(tmp_path / "input")
     output = tmp_path / "output"
     output.mkdir()
     output.chmod(0o777)

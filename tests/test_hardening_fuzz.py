@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from preprocess.dicom import read_dicom_series
-from preprocess.errors import InputError
+from common.errors import InputError
 from tests.conftest import REPO
 
 FUZZ_SECONDS = int(os.environ.get("TRUNKSEG_FUZZ_SECONDS", "12"))

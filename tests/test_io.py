@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from preprocess.dicom import read_dicom_series
-from preprocess.errors import InputError, OutputError
+from common.errors import InputError, OutputError
 from preprocess.geometry import Geometry
 from preprocess.io import read_ct, write_label_map
 from tests.conftest import write_volume

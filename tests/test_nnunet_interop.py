@@ -34,12 +34,12 @@ from model.import_nnunet import (
     load_checkpoint,
     transposed_frame,
 )
-from model.labels import IGNORE, LABELS, NAMES, mirror_label
+from common.labels import IGNORE, LABELS, NAMES, mirror_label
 from model.package import load_model_package
-from preprocess.errors import InputError, ModelPackageError
+from common.errors import InputError, ModelPackageError
 from tests import nnunet_helpers as nh
 from tests.conftest import store_in_frame, write_volume
-from training.phantom import make_phantom
+from model.phantom import make_phantom
 from training.prepare_nnunet import SLICE_SPACING_MM, prepare
 
 TRAIN_SEEDS = (910_001, 910_002, 910_003, 910_004, 910_005, 910_006)
@@ -299,7 +299,7 @@ def test_imported_onnx_and_torch_reproduce_the_checkpoint(tmp_path, network):
     import torch
 
     from model.network import build_network
-    from model.runtime import OnnxRuntimeRunner, TorchRunner
+    from model.runtimes.cpu import OnnxRuntimeRunner, TorchRunner
 
     results = synthetic_results(tmp_path / "r", _plans(network=network), folds=(0, 1))
     checkpoints = [torch.load(results / f"fold_{f}" / "checkpoint_final.pth", weights_only=False)["network_weights"] for f in (0, 1)]
@@ -528,7 +528,8 @@ def test_reduced_precisions_on_the_imported_trained_model_are_measured_and_gated
     """The CPU's reduced modes (OpenVINO bf16, int8, int8+bf16; ONNX Runtime int8) on the nnU-Net-trained model:
     each measured against fp32 on the held-out phantom, and `auto` takes only the fastest that holds."""
     pytest.importorskip("openvino", reason="OpenVINO is the CPU runtime of bf16 and int8")
-    from model.precision import Volume, choose_precision, default_modes, measure_agreement, record_agreement, speed_order
+    from model.precision import Volume, default_modes, measure_agreement, record_agreement
+    from model.runtimes.precision import choose_precision, speed_order
     from model.quantize import quantize_package
 
     phantom = trained.phantom

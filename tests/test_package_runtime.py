@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from model.package import load_model_package
-from model.runtime import OnnxRuntimeRunner, OpenVinoRunner, TorchRunner, choose_runtime, open_runtime
-from preprocess.errors import ModelPackageError, RuntimeUnavailableError
+from model.runtimes.choice import choose_runtime, open_runtime
+from model.runtimes.cpu import OnnxRuntimeRunner, OpenVinoRunner, TorchRunner
+from common.errors import ModelPackageError, RuntimeUnavailableError
 from tests.conftest import DEMO_MODEL
-from training.phantom import make_annotated_slices
+from model.phantom import make_annotated_slices
 
 
 @pytest.fixture()

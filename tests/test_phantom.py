@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.labels import IGNORE, LABELS, LEVELS
-from training.phantom import HU, MUSCLE_LEVELS, make_annotated_slices, make_phantom
+from common.labels import IGNORE, LABELS, LEVELS
+from model.phantom import HU, MUSCLE_LEVELS, make_annotated_slices, make_phantom
 
 
 @pytest.fixture(scope="module")

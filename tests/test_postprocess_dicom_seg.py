@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from model.labels import LABELS
+from common.labels import LABELS
 from postprocess.colours import COLOURS
 from postprocess.dicom_seg import CONCEPTS, build_segmentation, dicom_seg_bytes, read_source_series
 from preprocess.io import read_ct
@@ -136,7 +136,7 @@ def test_pydicom_alone_decodes_the_same_label_map(series, label_map, kind):
 
 
 def test_headers_highdicom_refuses_give_one_input_error_naming_the_series(series, label_map):
-    from preprocess.errors import InputError
+    from common.errors import InputError
 
     source = read_source_series(series)
     broken = [copy.deepcopy(h) for h in source.headers]

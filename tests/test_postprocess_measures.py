@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from model.labels import LABELS, LEVELS, NUM_CLASSES
+from common.labels import LABELS, LEVELS, NUM_CLASSES
 from postprocess.measures import (
     FAT_THRESHOLD_HU, AxialFrame, level_slices, measure_slices, per_slice, slice_table_csv, summarise_levels, summarise_muscles,
 )
 from postprocess.spine import body_centres_mm
-from preprocess.errors import InputError
+from common.errors import InputError
 from preprocess.geometry import Geometry
 from preprocess.io import read_ct
 from preprocess.vertebrae import LEVEL_ORDER, SCHEMES, majority_per_slice, read_vertebrae, vertebrae_on_grid
@@ -95,13 +95,13 @@ def test_slice_sums_agree_with_a_per_label_mask_oracle():
 
 def test_dense_label_maps_take_the_all_voxel_sums_and_agree_with_the_oracle_and_the_sparse_sums():
     # a random network's output: nearly every voxel is some muscle; stored in a flipped frame, so the views are strided
-    from postprocess.measures import SUM_NAMES, _slice_sums_dense, _slice_sums_sparse
+    from postprocess.measures import SUM_NAMES, slice_sums_dense, slice_sums_sparse
 
     rng = np.random.default_rng(11)
     labels = rng.integers(0, NUM_CLASSES, size=(3, 40, 50)).astype(np.uint8)
     hu = rng.normal(0, 60, size=labels.shape).astype(np.int16)
-    sparse = _slice_sums_sparse(labels[:, ::-1], hu[:, ::-1], n_labels=NUM_CLASSES, pixel_mm=(0.7, 0.9))
-    dense = _slice_sums_dense(labels[:, ::-1], hu[:, ::-1], n_labels=NUM_CLASSES, pixel_mm=(0.7, 0.9))
+    sparse = slice_sums_sparse(labels[:, ::-1], hu[:, ::-1], n_labels=NUM_CLASSES, pixel_mm=(0.7, 0.9))
+    dense = slice_sums_dense(labels[:, ::-1], hu[:, ::-1], n_labels=NUM_CLASSES, pixel_mm=(0.7, 0.9))
     for name in SUM_NAMES:
         np.testing.assert_allclose(dense[name], sparse[name], rtol=1e-12, err_msg=name)
     geometry = Geometry(size_xyz=(50, 40, 3), spacing_mm=(0.7, 0.9, 2.0), origin_mm=(0.0, 0.0, 0.0), direction=LPS)

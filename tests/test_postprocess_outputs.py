@@ -13,11 +13,11 @@ import SimpleITK as sitk
 from PIL import Image
 
 import process
-from model.labels import LEVELS
+from common.labels import LEVELS
 from postprocess.outputs import StagedOutputs
-from preprocess.errors import OutputError
+from common.errors import OutputError
 from tests.conftest import write_volume
-from training.phantom import make_phantom
+from model.phantom import make_phantom
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.labels import LABELS
+from common.labels import LABELS
 from postprocess.colours import COLOURS, colour_lookup_table
 from postprocess.measures import level_slices, measure_slices
 from postprocess.qc import axial_positions, render_qc

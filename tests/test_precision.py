@@ -17,20 +17,11 @@ from scipy import ndimage
 
 import process
 from model.package import load_model_package
-from model.precision import (
-    agreement_of,
-    choose_precision,
-    cpu_has_native_bf16,
-    dice_per_label,
-    measure_agreement,
-    open_runner,
-    phantom_volumes,
-    record_agreement,
-    speed_order,
-)
+from model.precision import agreement_of, dice_per_label, measure_agreement, open_runner, phantom_volumes, record_agreement
+from model.runtimes.precision import choose_precision, cpu_has_native_bf16, speed_order
 from preprocess.resample import argmax_channels, resample_slices
 from tests.conftest import DEMO_MODEL, write_volume
-from training.phantom import make_phantom
+from model.phantom import make_phantom
 
 openvino = pytest.importorskip("openvino", reason="OpenVINO is the CPU runtime of the reduced precisions")
 needs_bf16 = pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 (AMX or AVX512-BF16)")
@@ -95,7 +86,7 @@ def test_auto_precision_takes_only_a_mode_recorded_as_agreeing(demo_package):
 
 
 def test_auto_takes_the_fastest_holding_mode_for_this_kind_of_cpu(demo_package, monkeypatch):
-    import model.precision as precision
+    import model.runtimes.precision as precision
 
     keys = ("openvino-bf16", "openvino-int8", "openvino-int8+bf16")
     records = {key: {"holds": True, "voxel_agreement": 0.9999, "min_dice": 0.995} for key in keys}
@@ -127,8 +118,8 @@ def test_an_explicit_precision_runs_and_says_whether_it_was_verified(demo_packag
 
 
 def test_unavailable_precisions_are_errors_not_fallbacks(demo_package):
-    from model.runtime import OnnxRuntimeRunner
-    from preprocess.errors import RuntimeUnavailableError
+    from model.runtimes.cpu import OnnxRuntimeRunner
+    from common.errors import RuntimeUnavailableError
 
     with pytest.raises(RuntimeUnavailableError, match="bf16"):
         OnnxRuntimeRunner(demo_package, precision="bf16")

@@ -13,10 +13,10 @@ import pytest
 import SimpleITK as sitk
 
 import process
-from model.labels import LABELS, LEVELS
+from common.labels import LABELS, LEVELS
 from preprocess.geometry import Geometry
 from tests.conftest import DEMO_MODEL, REPO, store_in_frame, write_volume
-from training.phantom import make_phantom
+from model.phantom import make_phantom
 
 SLUG = "muscle-segmentation"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from preprocess.errors import InputError, MemoryBudgetError
+from common.errors import InputError, MemoryBudgetError
 from preprocess.geometry import Geometry
 from preprocess.limits import PEAK_BYTES_PER_VOXEL, PEAK_FIXED_BYTES, MemoryBudget
 from preprocess.readahead import ReadAhead

@@ -16,13 +16,13 @@ onnx = pytest.importorskip("onnx", reason="the operator check reads the ONNX gra
 
 from model.package import load_model_package, sha256_of  # noqa: E402
 from model.segment import segment_volume  # noqa: E402
-from model.tensorrt_runtime import (  # noqa: E402
+from model.runtimes.tensorrt import (  # noqa: E402
     GpuIdentity, check_tensorrt_operators, default_typing, engine_key, find_engine, timing_cache_path, write_engine,
 )
-from preprocess.errors import RuntimeUnavailableError  # noqa: E402
+from common.errors import RuntimeUnavailableError  # noqa: E402
 from tests.conftest import DEMO_MODEL  # noqa: E402
 from tests.gpu_helpers import NO_TENSORRT_REASON, has_cuda, has_tensorrt  # noqa: E402
-from training.phantom import make_phantom  # noqa: E402
+from model.phantom import make_phantom  # noqa: E402
 
 H100 = GpuIdentity("NVIDIA H100 80GB HBM3", "9.0", "10.13.3.9")
 T4 = GpuIdentity("Tesla T4", "7.5", "10.13.3.9")
@@ -161,7 +161,7 @@ def test_fp16_onnx_segments_like_fp32_on_a_ct(demo_package, fp16_onnx, tmp_path)
     rounding of weights and activations to float16, not float16 accumulation (TensorRT's engine is
     checked against the same bar in test_fp16_engine_segments_like_fp32_onnxruntime, on a GPU).
     """
-    from model.runtime import OnnxRuntimeRunner
+    from model.runtimes.cpu import OnnxRuntimeRunner
 
     package = tmp_path / "fp16-package"
     shutil.copytree(DEMO_MODEL, package)
@@ -203,7 +203,7 @@ def test_build_engine_without_tensorrt_says_so(capsys):
 @pytest.mark.skipif(not (has_tensorrt() and has_cuda()), reason=NO_TENSORRT_REASON)
 @pytest.mark.parametrize("typing", [None, "strong"], ids=["default-typing", "strong"])
 def test_engine_builds_caches_and_reloads(demo_package, tmp_path, typing):
-    from model.tensorrt_runtime import TensorRTRunner
+    from model.runtimes.tensorrt import TensorRTRunner
 
     messages = []
     with TensorRTRunner(demo_package, cache_dir=tmp_path, typing=typing, log=messages.append) as runner:
@@ -222,7 +222,7 @@ def test_engine_builds_caches_and_reloads(demo_package, tmp_path, typing):
 @pytest.mark.gpu
 @pytest.mark.skipif(not (has_tensorrt() and has_cuda()), reason=NO_TENSORRT_REASON)
 def test_engine_checks_its_named_input(demo_package, tmp_path):
-    from model.tensorrt_runtime import TensorRTRunner
+    from model.runtimes.tensorrt import TensorRTRunner
 
     with TensorRTRunner(demo_package, cache_dir=tmp_path, log=lambda m: None) as runner:
         with pytest.raises(TypeError, match="float32 CUDA tensor"):
@@ -237,9 +237,9 @@ def test_engine_checks_its_named_input(demo_package, tmp_path):
 @pytest.mark.skipif(not (has_tensorrt() and has_cuda()), reason=NO_TENSORRT_REASON)
 @pytest.mark.parametrize("typing", [None, "strong"], ids=["default-typing", "strong"])
 def test_fp16_engine_segments_like_fp32_onnxruntime(demo_package, tmp_path, typing):
-    from model.runtime import OnnxRuntimeRunner
+    from model.runtimes.cpu import OnnxRuntimeRunner
     from model.segment_torch import segment_volume_device
-    from model.tensorrt_runtime import TensorRTRunner
+    from model.runtimes.tensorrt import TensorRTRunner
 
     phantom = make_phantom(5, size_xy=(512, 512), spacing_mm=(0.8, 0.8, 1.0), n_slices=24)
     with OnnxRuntimeRunner(demo_package, threads=2) as fp32:
@@ -375,7 +375,7 @@ def _layers():
 
 @pytest.mark.parametrize("typing", ["weak", "strong"])
 def test_builder_sets_typing_profile_pins_and_keeps_the_timing_cache(demo_package, tmp_path, monkeypatch, typing):
-    import model.tensorrt_runtime as trt_runtime
+    import model.runtimes.tensorrt as trt_runtime
 
     layers = _layers()
     fake = FakeTensorRT(layers)
@@ -403,7 +403,7 @@ def test_builder_sets_typing_profile_pins_and_keeps_the_timing_cache(demo_packag
 
 
 def test_parser_errors_are_reported_with_the_file(demo_package, tmp_path, monkeypatch):
-    import model.tensorrt_runtime as trt_runtime
+    import model.runtimes.tensorrt as trt_runtime
 
     monkeypatch.setattr(trt_runtime, "import_tensorrt", lambda: FakeTensorRT([], parses=False))
     monkeypatch.setattr(trt_runtime, "_LOGGER", [])
@@ -413,7 +413,7 @@ def test_parser_errors_are_reported_with_the_file(demo_package, tmp_path, monkey
 
 @pytest.mark.parametrize("typing", ["weak", "strong"])
 def test_first_use_builds_once_then_the_cache_answers(demo_package, tmp_path, monkeypatch, typing):
-    import model.tensorrt_runtime as trt_runtime
+    import model.runtimes.tensorrt as trt_runtime
 
     fake = FakeTensorRT(_layers())
     monkeypatch.setattr(trt_runtime, "import_tensorrt", lambda: fake)

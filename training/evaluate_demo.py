@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from model.labels import LABELS
+from common.labels import LABELS
 from model.package import load_model_package, write_model_card
-from model.runtime import OnnxRuntimeRunner
+from model.runtimes.cpu import OnnxRuntimeRunner
 from model.segment import segment_volume
 from preprocess.geometry import Reorientation
-from training.phantom import make_phantom
+from model.phantom import make_phantom
 
 HELD_OUT = [
     (900_001, (512, 512), (0.8, 0.8, 3.0)),

@@ -9,7 +9,7 @@ annotated slice as its own 2D case (a one-slice image), which is exactly what wa
 
 - Input: CT volumes (.mha/.nii(.gz)/.nrrd, or DICOM series folders) in --images, and label volumes
   on the same grid in --labels, named like the CT (optionally with --label-suffix, e.g. "_sparse").
-  Label values are the canonical ones (model/labels.json, 1..22), 0 for background, and the ignore
+  Label values are the canonical ones (common/labels.json, 1..22), 0 for background, and the ignore
   value (default 255) for unannotated voxels. A slice is taken when it holds at least one muscle
   label; every other slice (all ignore, or all background) is left out.
 - Frame: every volume is reoriented to one axis frame (--frame, default LPS) before slicing, so the
@@ -45,9 +45,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from model.labels import IGNORE, LABELS, NAMES
-from preprocess.errors import InputError, TrunkSegError
-from preprocess.geometry import Geometry, _parse_frame
+from common.labels import IGNORE, LABELS, NAMES
+from common.errors import InputError, TrunkSegError
+from preprocess.geometry import Geometry, parse_frame
 from preprocess.io import IMAGE_SUFFIXES, case_id, read_ct, read_image
 
 #: out-of-plane spacing written for the one-slice images (nnU-Net's NaturalImage2DIO uses the same)
@@ -133,7 +133,7 @@ def read_pair(pair: Pair, *, frame: str, ignore_value: int) -> tuple[sitk.Image,
     if unknown:
         raise InputError(
             f"{pair.labels}: label values {unknown[:10]} are neither background 0, the ignore value {ignore_value} nor "
-            f"canonical labels 1..{len(LABELS)} (model/labels.json)"
+            f"canonical labels 1..{len(LABELS)} (common/labels.json)"
         )
     labels = np.where(labels == ignore_value, IGNORE, labels).astype(np.uint8)
     return _oriented(ct, geometry, frame), _oriented(labels, geometry, frame)
@@ -185,7 +185,7 @@ def prepare(
         raise InputError(f"{out}: nnU-Net needs the dataset folder named DatasetNNN_Name (three digits), e.g. Dataset501_TrunkMuscle")
     frame = frame.upper()
     try:
-        axes, _ = _parse_frame(frame)
+        axes, _ = parse_frame(frame)
     except ValueError as error:
         raise InputError(f"--frame: {error}") from None
     if axes[2] != 2:

@@ -26,10 +26,10 @@ import torch
 from safetensors.torch import save_model
 
 from model.export import export_onnx
-from model.labels import IGNORE, LABELS, NUM_CLASSES
+from common.labels import IGNORE, LABELS, NUM_CLASSES
 from model.network import build_network, plain_unet_kwargs
 from model.package import ModelCard, Normalization, write_model_card
-from training.phantom import make_annotated_slices
+from model.phantom import make_annotated_slices
 
 NETWORK = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
 FEATURES = [16, 32, 64, 128, 128, 128]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.labels import IGNORE, LABELS, LEVELS
+from common.labels import IGNORE, LABELS, LEVELS
 from preprocess.geometry import Geometry
 
 N_LEVELS = len(LEVELS)

@@ -38,8 +38,10 @@ from typing import Callable
 import numpy as np
 
 from model.package import INPUT_NAME, OUTPUT_NAME, ModelPackage, sha256_of
-from model.runtime_gpu import import_tensorrt
-from preprocess.errors import ModelPackageError, RuntimeUnavailableError
+from model.runtimes.contract import check_batch, check_logits
+from model.runtimes.gpu import import_tensorrt
+from common.atomic import atomic_path, write_bytes_atomically
+from common.errors import ModelPackageError, RuntimeUnavailableError
 
 ENGINE_FORMAT = 1
 DEFAULT_MIN_BATCH, DEFAULT_OPT_BATCH, DEFAULT_MAX_BATCH = 1, 16, 32
@@ -194,12 +196,7 @@ def write_engine(key: EngineKey, plan_bytes: bytes, folder: Path, *, build_info:
     sidecar = plan.with_suffix(".json")
     record = {"key": key.to_json(), "plan_sha256": hashlib.sha256(plan_bytes).hexdigest(), **build_info}
     for path, data in ((plan, plan_bytes), (sidecar, (json.dumps(record, indent=2) + "\n").encode())):
-        temp = path.with_name(f".partial-{os.getpid()}-{path.name}")
-        try:
-            temp.write_bytes(data)
-            os.replace(temp, path)
-        finally:
-            temp.unlink(missing_ok=True)
+        write_bytes_atomically(path, data)
     return plan
 
 
@@ -302,14 +299,8 @@ def onnx_for_build(package: ModelPackage, key: EngineKey, cache_dir: Path, *, lo
     card = package.card
     network = load_package_network(package)
     log(f"tensorrt: exporting the float16 ONNX (float32 normalisation layers) for a strongly typed build -> {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".partial-{os.getpid()}-{path.name}")
-    try:
-        with torch.no_grad():
-            export_onnx_fp16(network, temp, input_channels=card.input_channels, tile_size=tuple(card.tile_size))
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    with atomic_path(path) as temp, torch.no_grad():
+        export_onnx_fp16(network, temp, input_channels=card.input_channels, tile_size=tuple(card.tile_size))
     return path
 
 
@@ -373,10 +364,7 @@ def build_serialized_engine(onnx_path: Path, key: EngineKey, *, timing_cache: Pa
     if serialized is None:
         raise RuntimeUnavailableError(f"{onnx_path}: TensorRT could not build an engine (see its log above)")
     if timing_cache is not None:
-        timing_cache.parent.mkdir(parents=True, exist_ok=True)
-        temp = timing_cache.with_name(f".partial-{os.getpid()}-{timing_cache.name}")
-        temp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
-        os.replace(temp, timing_cache)
+        write_bytes_atomically(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(memoryview(serialized))
 
 
@@ -405,7 +393,6 @@ def ensure_engine(package: ModelPackage, key: EngineKey, *, cache_dir: Path, out
 class TensorRTRunner:
     """A TensorRT engine as a runtime: `run_device(tensor) -> tensor` on CUDA, and the numpy `__call__` of every runtime."""
 
-    device_pipeline = True
 
     def __init__(self, package: ModelPackage, *, precision: str = "fp16", typing: str | None = None, cache_dir: Path | None = None,
                  batch_range: tuple[int, int, int] = (DEFAULT_MIN_BATCH, DEFAULT_OPT_BATCH, DEFAULT_MAX_BATCH), device: str = "cuda",
@@ -510,9 +497,7 @@ class TensorRTRunner:
         return out
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        from model.runtime import _check_batch, _check_logits
-
         card = self.package.card
-        _check_batch(batch, card.input_channels, card.tile_size, self.name)
+        check_batch(batch, card.input_channels, card.tile_size, self.name)
         logits = self.run_device(self.torch.from_numpy(batch).to(self.device))
-        return _check_logits(logits.float().cpu().numpy(), batch, card.num_classes, self.name)
+        return check_logits(logits.float().cpu().numpy(), batch, card.num_classes, self.name)

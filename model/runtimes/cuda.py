@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from model.package import ModelPackage
-from preprocess.errors import RuntimeUnavailableError
+from model.runtimes.contract import check_batch, check_logits
+from common.errors import RuntimeUnavailableError
 
 PRECISIONS = ("fp16", "fp32")
 
@@ -73,7 +74,6 @@ def float32_norms(network: torch.nn.Module) -> torch.nn.Module:
 class TorchCudaRunner:
     """PyTorch on one CUDA GPU from the safetensors weights: `run_device(tensor) -> tensor` and the numpy `__call__`."""
 
-    device_pipeline = True
 
     def __init__(self, package: ModelPackage, *, precision: str = "fp16", device: str = "cuda", cuda_graphs: bool = True,
                  max_graphs: int = 4, batch_size: int = 16):
@@ -155,9 +155,7 @@ class TorchCudaRunner:
         return out
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        from model.runtime import _check_batch, _check_logits
-
         card = self.package.card
-        _check_batch(batch, card.input_channels, card.tile_size, self.name)
+        check_batch(batch, card.input_channels, card.tile_size, self.name)
         logits = self.run_device(torch.from_numpy(batch).to(self.device))
-        return _check_logits(logits.float().cpu().numpy(), batch, card.num_classes, self.name)
+        return check_logits(logits.float().cpu().numpy(), batch, card.num_classes, self.name)

@@ -1,83 +1,24 @@
-"""Inference runtimes behind one interface: a context manager that is a callable `batch -> logits`.
-
-Each runtime checks its named input and output (shape, dtype) the way Polygraphy's runners do:
-input "image" float32 (batch, channels, tile_y, tile_x), output "logits" float32 (batch, classes,
-tile_y, tile_x). `open_runtime` picks one and says why.
+"""The CPU runners: OpenVINO (the default on a CPU), ONNX Runtime and PyTorch eager (model/runtimes/contract.py's contract).
 
 - openvino: OpenVINO on the CPU over the package's ONNX export: fp32, bf16 (AMX / AVX512-BF16: about
   4x fp32 on the development machine), int8 (the package's statically quantized ONNX, see
   model/quantize.py) or int8+bf16 (that int8 graph with its float parts, the normalisation and
-  activations between the int8 convolutions, in bf16). The default on a CPU when installed.
+  activations between the int8 convolutions, in bf16).
 - onnxruntime: ONNX Runtime on the CPU: fp32 or int8 (it has no bf16 convolution on x86).
-- torch: PyTorch eager from the safetensors weights on the CPU (fp32, or bf16 autocast); on a GPU,
-  model/cuda_runtime.py (fp16 autocast, channels_last, CUDA graphs).
-- tensorrt: TensorRT engines on a CUDA GPU (model/tensorrt_runtime.py; written against TensorRT's
-  documented API, not run on this project's GPU-less machines). On a GPU `auto` takes TensorRT, then
-  PyTorch CUDA, then the CPU, falling back when one fails to start (model/runtime_gpu.py); the GPU
-  runtimes run the whole slice pipeline on the device (model/segment_torch.py).
+- torch: PyTorch eager from the safetensors weights on the CPU (fp32, or bf16 autocast); the GPU runners
+  are model/runtimes/cuda.py and tensorrt.py.
 
-Which precision a runtime runs is model/precision.py's choice: a reduced precision only where the model
-card records that it agrees with fp32 on that model.
+Which precision a runner runs is model/runtimes/precision.py's choice.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-from dataclasses import dataclass
-from typing import Protocol
-
 import numpy as np
 
+from common.errors import ModelPackageError, RuntimeUnavailableError
 from model.package import INPUT_NAME, OUTPUT_NAME, ModelPackage
-from preprocess.errors import ModelPackageError, RuntimeUnavailableError
-
-RUNTIMES = ("auto", "openvino", "onnxruntime", "torch", "tensorrt")
-
-
-class Runtime(Protocol):
-    name: str
-
-    def __enter__(self) -> "Runtime": ...
-
-    def __exit__(self, *exc) -> None: ...
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
-
-    # optional: `infer_into(batch, out) -> None` writes the logits into a caller's float32 C-contiguous array
-    # (the segmenter's buffer) instead of returning a new one (OpenVinoRunner)
-
-
-def _check_batch(batch: np.ndarray, channels: int, tile: tuple[int, int], who: str) -> None:
-    if not isinstance(batch, np.ndarray) or batch.dtype != np.float32:
-        raise TypeError(f"{who}: input {INPUT_NAME!r} must be a float32 numpy array, got {getattr(batch, 'dtype', type(batch))}")
-    if batch.ndim != 4 or batch.shape[1] != channels or tuple(batch.shape[2:]) != tuple(tile):
-        raise ValueError(f"{who}: input {INPUT_NAME!r} must be (batch, {channels}, {tile[0]}, {tile[1]}), got {batch.shape}")
-
-
-def _check_logits(logits: np.ndarray, batch: np.ndarray, classes: int, who: str) -> np.ndarray:
-    expected = (batch.shape[0], classes, *batch.shape[2:])
-    if logits.shape != expected:
-        raise RuntimeError(f"{who}: output {OUTPUT_NAME!r} has shape {logits.shape}, expected {expected}")
-    return logits if logits.dtype == np.float32 else logits.astype(np.float32)
-
-
-def _check_output_buffer(out: np.ndarray, expected: tuple[int, ...], who: str) -> None:
-    if not isinstance(out, np.ndarray) or out.dtype != np.float32 or not out.flags.c_contiguous or not out.flags.writeable:
-        raise TypeError(f"{who}: the buffer for output {OUTPUT_NAME!r} must be a writable C-contiguous float32 numpy array")
-    if out.shape != expected:
-        raise ValueError(f"{who}: the buffer for output {OUTPUT_NAME!r} must be {expected}, got {out.shape}")
-
-
-def onnx_role(precision: str) -> str:
-    """The package file role of the ONNX graph a precision runs: the fp32 export, or the quantized one for int8 (and int8+bf16)."""
-    return "onnx_int8" if precision.startswith("int8") else "onnx"
-
-
-def uses_bf16(precision: str) -> bool:
-    """Whether a precision needs native bf16 (bf16, and int8+bf16's float parts)."""
-    return precision.endswith("bf16")
+from model.runtimes.contract import check_batch, check_logits, check_output_buffer
+from model.runtimes.precision import onnx_role, uses_bf16
 
 
 class OpenVinoRunner:
@@ -149,10 +90,10 @@ class OpenVinoRunner:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         card = self.package.card
-        _check_batch(batch, card.input_channels, card.tile_size, self.name)
+        check_batch(batch, card.input_channels, card.tile_size, self.name)
         self.request.set_tensor(self._output, self._own_output)  # never a caller's array that infer_into lent it
         logits = self.request.infer({INPUT_NAME: np.ascontiguousarray(batch)})[self._output]  # a copy: the request reuses its buffer
-        return _check_logits(logits, batch, card.num_classes, self.name)
+        return check_logits(logits, batch, card.num_classes, self.name)
 
     def infer_into(self, batch: np.ndarray, out: np.ndarray) -> None:
         """The logits of `batch` written straight into `out` (float32, C-contiguous, (batch, classes, tile_y, tile_x)).
@@ -163,8 +104,8 @@ class OpenVinoRunner:
         import openvino
 
         card = self.package.card
-        _check_batch(batch, card.input_channels, card.tile_size, self.name)
-        _check_output_buffer(out, (batch.shape[0], card.num_classes, *card.tile_size), self.name)
+        check_batch(batch, card.input_channels, card.tile_size, self.name)
+        check_output_buffer(out, (batch.shape[0], card.num_classes, *card.tile_size), self.name)
         self.request.set_tensor(self._output, openvino.Tensor(out, shared_memory=True))
         self.request.infer({INPUT_NAME: np.ascontiguousarray(batch)})
 
@@ -219,9 +160,9 @@ class OnnxRuntimeRunner:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         card = self.package.card
-        _check_batch(batch, card.input_channels, card.tile_size, self.name)
+        check_batch(batch, card.input_channels, card.tile_size, self.name)
         logits = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(batch)})[0]
-        return _check_logits(logits, batch, card.num_classes, self.name)
+        return check_logits(logits, batch, card.num_classes, self.name)
 
 
 class TorchRunner:
@@ -260,7 +201,7 @@ class TorchRunner:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         card = self.package.card
-        _check_batch(batch, card.input_channels, card.tile_size, self.name)
+        check_batch(batch, card.input_channels, card.tile_size, self.name)
         torch = self._torch
         x = torch.from_numpy(batch).to(self.device)
         if self.precision != "fp32":
@@ -268,57 +209,4 @@ class TorchRunner:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         with torch.inference_mode(), torch.autocast(self.device.split(":")[0], dtype=dtype, enabled=dtype is not None):
             logits = self.network(x)
-        return _check_logits(logits.float().cpu().numpy(), batch, card.num_classes, self.name)
-
-
-@dataclass(frozen=True)
-class RuntimeChoice:
-    name: str
-    reason: str
-    fallbacks: tuple[str, ...] = ()  # tried in order when this one fails to start (auto on a GPU; model/runtime_gpu.py)
-
-
-def choose_runtime(requested: str) -> RuntimeChoice:
-    """Which runtime to use, and why. `auto`: torch on CUDA when a GPU is visible, else OpenVINO, else ONNX Runtime."""
-    if requested not in RUNTIMES:
-        raise RuntimeUnavailableError(f"unknown runtime {requested!r} (choose from {', '.join(RUNTIMES)})")
-    if requested in ("auto", "tensorrt"):  # on a GPU: TensorRT, else PyTorch CUDA, each falling back (model/runtime_gpu.py)
-        from model.runtime_gpu import choose_gpu_runtime
-
-        gpu = choose_gpu_runtime(requested, cpu_fallback="openvino" if importlib.util.find_spec("openvino") else "onnxruntime")
-        if gpu.name is not None:
-            return RuntimeChoice(gpu.name, gpu.reason, gpu.fallbacks)
-    if requested == "auto":
-        if importlib.util.find_spec("openvino") is not None:
-            return RuntimeChoice("openvino", "no CUDA GPU visible: OpenVINO on the CPU (the fastest CPU runtime here)")
-        if importlib.util.find_spec("onnxruntime") is None:
-            raise RuntimeUnavailableError("neither a CUDA GPU with torch nor openvino or onnxruntime is available")
-        return RuntimeChoice("onnxruntime", "no CUDA GPU visible and openvino not installed: ONNX Runtime on the CPU")
-    if importlib.util.find_spec(requested) is None:
-        raise RuntimeUnavailableError(f"runtime {requested!r} requested but the {requested} package is not installed")
-    if requested == "torch":
-        return RuntimeChoice("torch-cuda" if _cuda_available() else "torch-cpu", "requested on the command line")
-    return RuntimeChoice(requested, "requested on the command line")
-
-
-def _cuda_available() -> bool:
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
-        return False
-    import torch
-
-    return bool(torch.cuda.is_available())
-
-
-def open_runtime(choice: RuntimeChoice, package: ModelPackage, *, threads: int | None = None, precision: str = "fp32") -> Runtime:
-    """The (not yet entered) runtime for `choice`."""
-    if choice.name == "onnxruntime":
-        return OnnxRuntimeRunner(package, threads=threads, precision=precision)
-    if choice.name == "openvino":
-        return OpenVinoRunner(package, threads=threads, precision=precision)
-    if choice.name in ("tensorrt", "torch-cuda"):  # the GPU runners (torch imported only here)
-        from model.runtime_gpu import open_gpu_runtime
-
-        return open_gpu_runtime(choice.name, package, precision=precision, log=lambda message: print(message, file=sys.stderr, flush=True))
-    if choice.name in ("torch-cpu", "torch-cuda"):
-        return TorchRunner(package, device="cuda" if choice.name == "torch-cuda" else "cpu", precision=precision, threads=threads)
-    raise RuntimeUnavailableError(f"no runtime named {choice.name!r}")
+        return check_logits(logits.float().cpu().numpy(), batch, card.num_classes, self.name)
