@@ -24,9 +24,13 @@ from common.errors import OutputError
 PARTIAL_PREFIX = ".partial-"
 
 
-def temporary_name_for(path: Path) -> Path:
-    """A fresh temporary name beside `path` that keeps its suffixes (`.partial-<random>-<name>`)."""
+def temporary_path_for(path: Path) -> Path:
+    """A fresh temporary name beside `path` that keeps its suffixes (`.partial-<random>-<name>`), its folder created."""
     path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"{path.parent}: cannot create the output folder ({error.strerror})") from None
     return path.with_name(f"{PARTIAL_PREFIX}{secrets.token_hex(4)}-{path.name}")
 
 
@@ -34,11 +38,7 @@ def temporary_name_for(path: Path) -> Path:
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path to write `path` to; renamed to `path` when the block ends without an error, removed otherwise."""
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputError(f"{path.parent}: cannot create the output folder ({error.strerror})") from None
-    temp = temporary_name_for(path)
+    temp = temporary_path_for(path)
     try:
         yield temp
         os.chmod(temp, 0o644)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from common.atomic import temporary_name_for
+from common.atomic import temporary_path_for
 from common.errors import OutputError
 
 
@@ -25,11 +25,7 @@ class StagedOutputs:
     def path_for(self, final: Path) -> Path:
         """A temporary path to write `final` to; it becomes `final` when the block ends without an error."""
         final = Path(final)
-        try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise OutputError(f"{final.parent}: cannot create the output folder ({error.strerror})") from None
-        temp = temporary_name_for(final)
+        temp = temporary_path_for(final)
         self._pending.append((temp, final))
         return temp
 
