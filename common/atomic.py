@@ -6,8 +6,8 @@
 
 The temporary file is `.partial-<random>-<name>` in the target's folder (same file system, so the rename
 is atomic) and is removed when the block raises, whatever it raises (an alarm, an interrupt). The file
-ends with mode 0644 (readers of outputs are often another user). An OSError while creating, renaming or
-writing is an OutputError naming the file. Several files that must appear together: postprocess/outputs.py.
+ends with mode 0644 (readers of outputs are often another user). The file system's error (an OSError with
+an errno) while creating, renaming or writing is an OutputError naming the file. Several files that must appear together: postprocess/outputs.py.
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(temp, path)
     except OSError as error:
         temp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write ({error.strerror or error})") from None
+        if error.errno is None:  # not the file system's answer (a TimeoutError of the time budget): as it is
+            raise
+        raise OutputError(f"{path}: cannot write ({error.strerror})") from None
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
