@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from contextlib import ExitStack
 import signal
 import sys
@@ -227,6 +228,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--batch-size and --threads must be >= 1")
     if (args.memory_limit_gb is not None and not args.memory_limit_gb > 0) or not args.time_limit_s >= 0:
         parser.error("--memory-limit-gb must be > 0 and --time-limit-s >= 0")
+    if args.series_description is not None:
+        try:
+            re.compile(args.series_description)
+        except re.error as error:
+            parser.error(f"--series-description {args.series_description!r} is not a regular expression ({error})")
     qc = Path(args.qc_path)
     if qc.suffix != ".png" or qc.is_absolute() or ".." in qc.parts or qc.parts[0] == "images":
         parser.error("--qc-path must be a relative .png path outside images/ (a Thumbnail PNG socket's relative_path)")

@@ -104,22 +104,21 @@ def _image_case_ids(images: list[Path], root: Path) -> list[tuple[str, str]]:
 
 
 def _walk(root: Path) -> tuple[list[Path], list[Path]]:
-    """(image files, other files) under `root`, any depth, hidden names skipped; a symlink must stay inside `root`."""
+    """(image files, other files) under `root`, any depth, hidden names skipped; symbolic links followed, each folder once."""
     images, others = [], []
-    for folder, dirs, files in os.walk(root):
+    seen: set[Path] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = Path(folder).resolve()
+        if real in seen:  # a link back to a folder already walked (a loop, or two links to one folder)
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
-            if name.startswith("."):
-                continue
             path = Path(folder) / name
-            if path.is_symlink():
-                _inside(root, path, str(root))
-            if not path.is_file():
+            if name.startswith(".") or not path.is_file():
                 continue
             (images if is_image_file(path) else others).append(path)
-        for name in dirs:
-            if (Path(folder) / name).is_symlink():
-                _inside(root, Path(folder) / name, str(root))  # os.walk does not follow it; refuse one that leads out
     return images, others
 
 
@@ -190,7 +189,7 @@ def find_cases(input_dir: Path, *, slug: str | None = None, vertebrae_slug: str 
     if root.is_file():
         return _cases_of_path(root, rule)
     if not root.is_dir():
-        raise InputError(f"{root}: input folder or file does not exist")
+        raise InputError(f"{root}: input does not exist (no such file or folder)")
     inputs_json = root / "inputs.json"
     if inputs_json.is_file():
         sockets = []

@@ -160,7 +160,7 @@ def _slim(header) -> Dataset:
     kept = Dataset()
     for keyword in _KEPT:
         if keyword in header:
-            kept[keyword] = header[keyword]
+            kept.add(header[keyword])
     return kept
 
 

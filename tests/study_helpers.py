@@ -65,7 +65,7 @@ def sample_slices(folder: Path) -> list[tuple[Dataset, np.ndarray]]:
     return out
 
 
-def _image(header: Dataset, pixels: np.ndarray, *, study_uid: str, series_uid: str, number: int, description: str, kernel: str,
+def _image(header: Dataset, pixels: np.ndarray, *, study_uid: str, frame_uid: str, series_uid: str, number: int, description: str, kernel: str,
            thickness: float, instance: int, image_type=("ORIGINAL", "PRIMARY", "AXIAL")) -> Dataset:
     ds = copy.deepcopy(header)
     for keyword in ("LargestImagePixelValue", "SmallestImagePixelValue", "PixelPaddingValue", "WindowCenter", "WindowWidth"):
@@ -76,7 +76,7 @@ def _image(header: Dataset, pixels: np.ndarray, *, study_uid: str, series_uid: s
     ds.set_pixel_data(pixels.astype(np.int16), photometric_interpretation="MONOCHROME2", bits_stored=16)
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid()
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-    ds.FrameOfReferenceUID = study_uid + ".1"
+    ds.FrameOfReferenceUID = frame_uid
     ds.SeriesNumber, ds.InstanceNumber = number, instance
     ds.SeriesDescription, ds.ConvolutionKernel, ds.SliceThickness = description, kernel, thickness
     ds.ImageType = list(image_type)
@@ -107,27 +107,27 @@ def _dose_sr(study_uid: str, series_uid: str) -> Dataset:
 
 def build_study(slices: list[tuple[Dataset, np.ndarray]]) -> BuiltStudy:
     """The eight series of the module docstring, as datasets (write them with write_flat / write_nested / write_dicomdir)."""
-    study = uid()
+    study, frame = uid(), uid()
     series = {}
 
     def add(role, items_of):
         series_uid = uid()
         series[role] = (series_uid, items_of(series_uid))
 
-    add("soft", lambda s: [_image(h, p, study_uid=study, series_uid=s, number=2, description="Abdomen 3.0 Br38f", kernel="Br38f",
+    add("soft", lambda s: [_image(h, p, study_uid=study, frame_uid=frame, series_uid=s, number=2, description="Abdomen 3.0 Br38f", kernel="Br38f",
                                   thickness=3.0, instance=i + 1) for i, (h, p) in enumerate(slices)])
-    add("lung", lambda s: [_image(h, p, study_uid=study, series_uid=s, number=3, description="Lung 3.0 Br64f", kernel="Br64f",
+    add("lung", lambda s: [_image(h, p, study_uid=study, frame_uid=frame, series_uid=s, number=3, description="Lung 3.0 Br64f", kernel="Br64f",
                                   thickness=3.0, instance=i + 1) for i, (h, p) in enumerate(slices)])
-    add("thick", lambda s: [_image(h, p, study_uid=study, series_uid=s, number=4, description="Abdomen 6.0 Br38f", kernel="Br38f",
+    add("thick", lambda s: [_image(h, p, study_uid=study, frame_uid=frame, series_uid=s, number=4, description="Abdomen 6.0 Br38f", kernel="Br38f",
                                    thickness=6.0, instance=i + 1) for i, (h, p) in enumerate(slices[::2])])
-    add("phase2", lambda s: [_image(h, p, study_uid=study, series_uid=s, number=5, description="Venous 3.0 Br38f", kernel="Br38f",
+    add("phase2", lambda s: [_image(h, p, study_uid=study, frame_uid=frame, series_uid=s, number=5, description="Venous 3.0 Br38f", kernel="Br38f",
                                     thickness=3.0, instance=i + 1) for i, (h, p) in enumerate(slices[:6])])
 
     def coronal(s, *, count, number, description, image_type):
         items = []
         header, pixels = slices[0]
         for i in range(count):
-            ds = _image(header, pixels, study_uid=study, series_uid=s, number=number, description=description, kernel="Br38f",
+            ds = _image(header, pixels, study_uid=study, frame_uid=frame, series_uid=s, number=number, description=description, kernel="Br38f",
                         thickness=3.0, instance=i + 1, image_type=image_type)
             ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]
             x, y, z = (float(v) for v in header.ImagePositionPatient)
@@ -141,7 +141,7 @@ def build_study(slices: list[tuple[Dataset, np.ndarray]]) -> BuiltStudy:
 
     def screen(s):
         header, pixels = slices[0]
-        ds = _image(header, pixels, study_uid=study, series_uid=s, number=991, description="Patient Protocol", kernel="", thickness=3.0,
+        ds = _image(header, pixels, study_uid=study, frame_uid=frame, series_uid=s, number=991, description="Patient Protocol", kernel="", thickness=3.0,
                     instance=1, image_type=("DERIVED", "SECONDARY", "OTHER"))
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
         for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "SliceThickness", "ConvolutionKernel"):

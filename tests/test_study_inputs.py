@@ -247,7 +247,7 @@ def test_a_hostile_zip_is_refused_with_exit_3_and_leaves_nothing(tmp_path, capsy
     assert not (tmp_path / "out").exists() or [p.name for p in (tmp_path / "out").rglob("*") if p.is_file()] in ([], ["results.json"])
 
 
-def test_a_member_that_inflates_past_the_budget_is_refused_while_unpacking(tmp_path):
+def test_declared_sizes_beyond_the_budget_are_refused_before_a_byte_is_written(tmp_path):
     from preprocess.archive import unpacked_archive
 
     archive = _zip_with(tmp_path / "big.zip", "a.dcm", os.urandom(3 * 2**20))
@@ -255,6 +255,20 @@ def test_a_member_that_inflates_past_the_budget_is_refused_while_unpacking(tmp_p
         with unpacked_archive(archive, budget_bytes=2**20, temp_dir=tmp_path):
             pass
     assert [p.name for p in tmp_path.iterdir()] == ["big.zip"]
+
+
+def test_a_member_whose_header_understates_its_size_is_refused_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    archive = _zip_with(tmp_path / "lying.zip", "a.dcm", bytes(2**20))
+    data = bytearray(archive.read_bytes())
+    central = data.index(b"PK\x01\x02")
+    data[central + 24:central + 28] = (1000).to_bytes(4, "little")  # the directory's uncompressed size: 1000 bytes, not 1 MiB
+    archive.write_bytes(bytes(data))
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    code, errors, err = run_cli(capsys, "-i", str(archive), "-o", str(tmp_path / "out"))
+    assert code == 3 and len(errors) == 1 and re.search(r"lying\.zip: (not a readable \.zip|member .* inflates past)", errors[0]), err
+    assert list(temp.iterdir()) == [] and not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------------ single files
