@@ -228,7 +228,7 @@ HOSTILE = {
     "absolute-path": (lambda p: _zip_with(p, "/tmp/escaped.dcm", b"x" * 100), r"zip-slip"),
     "zip-bomb": (lambda p: _zip_with(p, "bomb.dcm", bytes(64 * 2**20)), r"zip bomb"),
     "symlink-member": (lambda p: _zip_with(p, "link.dcm", b"/etc/passwd", mode=stat.S_IFLNK | 0o777), r"symbolic link"),
-    "not-a-zip": (lambda p: p.write_bytes(b"PK\x03\x04 but nothing after"), r"not a readable \.zip"),
+    "not-a-zip": (lambda p: (p.write_bytes(b"PK\x03\x04 but nothing after"), p)[1], r"not a readable \.zip"),
 }
 
 
