@@ -378,3 +378,22 @@ def test_grand_challenges_overlay_segments_list_is_a_labels_file(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([{"name": "a"}]))
     with pytest.raises(ConfigError, match="overlay segment 0 must be an object with 'name' and 'voxel_value'"):
         load_label_set(tmp_path / "bad.json")
+
+
+def test_overrides_reach_a_real_study_and_a_tree(tmp_path, slices):
+    first, second = sh.build_study(slices), sh.build_study(slices)
+    sh.write_flat(first, tmp_path / "in" / "a")
+    sh.write_nested(second, tmp_path / "in" / "b")
+    (case,) = find_cases(tmp_path / "in", rule=SeriesRule(series_uid=second.uid_of("lung"))).cases
+    assert (case.case_id, case.source.series_uid) == ("b", second.uid_of("lung"))
+    cases = find_cases(tmp_path / "in", rule=SeriesRule(description=r"^venous")).cases
+    assert {c.case_id: c.source.series_uid for c in cases} == {"a": first.uid_of("phase2"), "b": second.uid_of("phase2")}
+    assert all("--series-description" in c.selection["chosen"]["why"] for c in cases)
+    with pytest.raises(InputError, match="no series with SeriesInstanceUID 1.2.3 "):
+        find_cases(tmp_path / "in", rule=SeriesRule(series_uid="1.2.3"))
+
+
+def test_a_series_description_that_is_no_regular_expression_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        process.parse_args(["-i", str(tmp_path), "--series-description", "(venous"])
+    assert stopped.value.code == 2 and "--series-description '(venous' is not a regular expression" in capsys.readouterr().err
