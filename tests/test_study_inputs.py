@@ -397,3 +397,12 @@ def test_a_series_description_that_is_no_regular_expression_is_a_usage_error(tmp
     with pytest.raises(SystemExit) as stopped:
         process.parse_args(["-i", str(tmp_path), "--series-description", "(venous"])
     assert stopped.value.code == 2 and "--series-description '(venous' is not a regular expression" in capsys.readouterr().err
+
+
+def test_image_files_in_a_tree_are_cases_named_by_file_or_by_path_where_names_repeat(tmp_path):
+    for relative in ("s0001/ct.nii.gz", "s0002/ct.nii.gz", "other/scan.mha"):
+        write_volume(np.zeros((2, 16, 16), np.int16), tmp_path / "in" / relative)
+    cases = {c.case_id: (c.source, c.id_from) for c in find_cases(tmp_path / "in").cases}
+    assert cases == {"s0001_ct": (tmp_path / "in" / "s0001" / "ct.nii.gz", "file path (file names repeat)"),
+                     "s0002_ct": (tmp_path / "in" / "s0002" / "ct.nii.gz", "file path (file names repeat)"),
+                     "scan": (tmp_path / "in" / "other" / "scan.mha", "file name")}
