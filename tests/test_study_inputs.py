@@ -10,6 +10,7 @@ import re
 import shutil
 import stat
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -223,9 +224,21 @@ def _zip_with(path: Path, name: str, data: bytes, *, mode: int | None = None) ->
     return path
 
 
+
+def _zip_twice(path: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns of the duplicate name: that is the point
+        with zipfile.ZipFile(path, "w") as zipped:
+            zipped.writestr("a/b.dcm", b"first")
+            zipped.writestr("a/b.dcm", b"second")
+    return path
+
+
 HOSTILE = {
     "zip-slip": (lambda p: _zip_with(p, "../../escaped.dcm", b"x" * 100), r"outside the folder .*zip-slip"),
     "absolute-path": (lambda p: _zip_with(p, "/tmp/escaped.dcm", b"x" * 100), r"zip-slip"),
+    "zip-slip-backslashes": (lambda p: _zip_with(p, "..\\..\\escaped.dcm", b"x" * 100), r"zip-slip"),
+    "member-twice": (lambda p: _zip_twice(p), r"member a/b.dcm appears twice"),
     "zip-bomb": (lambda p: _zip_with(p, "bomb.dcm", bytes(64 * 2**20)), r"zip bomb"),
     "symlink-member": (lambda p: _zip_with(p, "link.dcm", b"/etc/passwd", mode=stat.S_IFLNK | 0o777), r"symbolic link"),
     "not-a-zip": (lambda p: (p.write_bytes(b"PK\x03\x04 but nothing after"), p)[1], r"not a readable \.zip"),
