@@ -1,10 +1,12 @@
 """Trunk-muscle segmentation of CT: the algorithm container's entry point.
 
     python process.py                          # Grand Challenge: read /input, write /output
-    python process.py --input DIR --output DIR # any folder: GC layout, or one case per CT file / DICOM folder
+    python process.py --input DIR --output DIR # any folder: GC layout, or one case per CT file / DICOM study (any depth)
+    python process.py -i ct.nii.gz -o out/     # also one image file, a DICOMDIR, a .zip (docs/inputs.md)
 
 Writes <output>/images/<output-slug>/<case>.mha (uint8 labels on the input grid, labels in
-common/labels.json), the case's measures (measures/<case>.csv), QC picture (qc/<case>.png; in Grand
+common/labels.json; outside Grand Challenge's layout in the input's format family or --format, with
+viewers/ colour tables for 3D Slicer and ITK-SNAP), the case's measures (measures/<case>.csv), QC picture (qc/<case>.png; in Grand
 Challenge's layout the Thumbnail PNG at --qc-path), DICOM-SEG for DICOM input (dicom-seg/<case>.dcm) and
 with --nifti nifti/<case>.nii.gz (README "Outputs"), and <output>/results.json. Exit codes: 0 all cases done, 2 usage, 3 bad input,
 4 bad model package, 5 output not writable or full, 6 runtime unavailable, 7 a case exceeded the
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+from contextlib import ExitStack
 import signal
 import sys
 import threading
@@ -24,21 +28,23 @@ import time
 import traceback
 from pathlib import Path
 
-from model.package import ModelPackage, load_model_package
+from model.package import PHANTOM_WARNING, ModelPackage, find_mounted_package, is_phantom_only, load_model_package
 from model.runtimes.choice import RUNTIMES, RuntimeChoice, segmenter_for, start_chosen_runtime
 from model.runtimes.precision import PRECISIONS
 from model.segment import SegmentStats
 from postprocess import __version__ as POSTPROCESS_VERSION
 from postprocess.dicom_seg import SEGMENTATION_TYPES
 from postprocess.outputs import StagedOutputs, check_output_writable, list_files, remove_new_files
-from postprocess.report import ReportOptions, load_vertebrae, write_case_report
+from postprocess.report import MASK_FORMATS, ReportOptions, load_vertebrae, mask_suffix, write_case_report
 from common.atomic import write_json_atomically
 from common.errors import LimitError, OutputError, TerminatedError, TrunkSegError
 from preprocess.geometry import Reorientation
 from preprocess.inputs import Case, find_cases, vertebrae_maps
 from preprocess.io import read_ct, write_label_map
 from preprocess.limits import DEFAULT_CASE_TIME_LIMIT_S, CaseTimer, memory_budget
+from preprocess.archive import is_archive, unpacked_archive
 from preprocess.readahead import ReadAhead
+from preprocess.study import SeriesRule
 from preprocess.vertebrae import SCHEMES
 
 REPO = Path(__file__).resolve().parent
@@ -54,12 +60,19 @@ def log(message: str) -> None:
 
 
 def default_model() -> Path:
-    """TRUNKSEG_MODEL, else Grand Challenge's model mount when it holds a package, else the bundled demo model."""
+    """TRUNKSEG_MODEL, else the package in Grand Challenge's model mount (there or one folder down; a mount holding
+    anything else is refused, exit 4), else, when the mount is missing or empty, the bundled demo model."""
     if os.environ.get("TRUNKSEG_MODEL"):
         return Path(os.environ["TRUNKSEG_MODEL"])
-    if (GC_MODEL / "model.json").is_file():
-        return GC_MODEL
-    return BUNDLED_MODEL
+    mounted = find_mounted_package(GC_MODEL)
+    return mounted if mounted is not None else BUNDLED_MODEL
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask where the OS has one (Linux), else os.cpu_count() (macOS, Windows)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def progress_bar(total: int, label: str):
@@ -103,7 +116,7 @@ def run_case(case: Case, *, package: ModelPackage, runtime, choice: RuntimeChoic
     timings.update({f"segment.{k}": v for k, v in stats.seconds.items()})
 
     labels = reorientation.invert(labels)
-    output = output_dir / "images" / slug / f"{case.case_id}.mha"
+    output = output_dir / "images" / slug / f"{case.case_id}{mask_suffix(case.source, report)}"
     with StagedOutputs() as staged:  # the mask and every report appear together, or none of them
         started = time.perf_counter()
         reports = write_case_report(
@@ -122,10 +135,16 @@ def run_case(case: Case, *, package: ModelPackage, runtime, choice: RuntimeChoic
         + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items() if "." not in k)
         + f"; {stats.tiles} tiles, {1000 * timings['segment'] / max(1, n_slices):.0f} ms/slice -> {output}"
     )
+    warning = PHANTOM_WARNING if is_phantom_only(package.card) else None
+    if warning:
+        log(f"warning: {case.case_id}: {warning}")
     return {
         "case_id": case.case_id,
         "status": "succeeded",
+        **({"warning": warning} if warning else {}),
         "input": str(case.source),
+        **({"case_id_from": case.id_from} if case.id_from else {}),
+        **({"series": case.selection} if case.selection else {}),
         "output": str(output.relative_to(output_dir)),
         "runtime": choice.name,
         "model": package.card.identity,
@@ -152,8 +171,10 @@ def describe_failure(error: BaseException, case: Case) -> tuple[str, int]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", type=Path, default=Path("/input"), help="input folder (default /input)")
-    parser.add_argument("--output", type=Path, default=Path("/output"), help="output folder (default /output)")
+    parser.add_argument("-i", "--input", type=Path, default=Path("/input"),
+                        help="a folder (Grand Challenge's layout, or any tree of CT files and DICOM studies), one image file, a DICOMDIR, "
+                             "or a .zip of any of these (default /input; docs/inputs.md)")
+    parser.add_argument("-o", "--output", type=Path, default=Path("/output"), help="output folder (default /output)")
     parser.add_argument("--model", type=Path, default=None, help="model package folder (default: $TRUNKSEG_MODEL, /opt/ml/model, the bundled demo model)")
     parser.add_argument("--runtime", choices=RUNTIMES, default=os.environ.get("TRUNKSEG_RUNTIME", "auto"))
     parser.add_argument("--precision", choices=PRECISIONS, default=os.environ.get("TRUNKSEG_PRECISION", "auto"),
@@ -167,13 +188,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="what the vertebra map's values mean (default totalsegmentator: 26 S1 .. 50 C1; levels: 1..13 = T4..L4)")
     parser.add_argument("--vertebrae-slug", default=VERTEBRAE_SLUG, help=f"Grand Challenge socket slug of the vertebra labels (default {VERTEBRAE_SLUG})")
     parser.add_argument("--qc-path", default=QC_PATH, help=f"Grand Challenge layout: relative path of the QC picture, the Thumbnail PNG socket (default {QC_PATH})")
+    parser.add_argument("--series-uid", default=None, help="DICOM: segment the series of this SeriesInstanceUID instead of the rule's choice")
+    parser.add_argument("--series-description", default=None, metavar="REGEX",
+                        help="DICOM: choose only among the series whose SeriesDescription matches REGEX (any case)")
+    parser.add_argument("--all-series", action="store_true", help="DICOM: every axial CT series of a study is a case of its own")
+    parser.add_argument("--format", choices=["auto", *MASK_FORMATS], default="auto",
+                        help="the mask's file format outside Grand Challenge's layout (default auto, the input's: NIfTI -> nii.gz, "
+                             ".mha -> mha, .nrrd -> nrrd, DICOM -> nii.gz beside the DICOM-SEG)")
     parser.add_argument("--nifti", action="store_true", help="also write the label map as nifti/<case>.nii.gz")
-    parser.add_argument("--dicom-seg-type", choices=SEGMENTATION_TYPES, default="labelmap",
-                        help="DICOM-SEG for DICOM input: labelmap (default: one JPEG-LS frame per slice, small; newer viewers) "
-                             "or binary (read by every SEG viewer; about 0.7 MB per slice for 22 muscles)")
+    parser.add_argument("--dicom-seg-type", choices=SEGMENTATION_TYPES, default="binary",
+                        help="DICOM-SEG for DICOM input: binary (default: read by every SEG viewer; about 0.7 MB per slice for 22 muscles) "
+                             "or labelmap (DICOM 2024: one JPEG-LS frame per slice, small; OHIF 3.11+, not yet every viewer or PACS)")
     parser.add_argument("--no-dicom-seg", action="store_true", help="no DICOM-SEG for DICOM input (when its headers do not allow one)")
     parser.add_argument("--batch-size", type=int, default=None, help="tiles per network call (default 4 on the CPU, 16 on a GPU)")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads for the runtime")
+    parser.add_argument("--threads", type=int, default=available_cpus(), help="CPU threads for the runtime")
     parser.add_argument("--memory-limit-gb", type=float, default=_env_float("TRUNKSEG_MEMORY_LIMIT_GB"),
                         help="refuse, from its header, a case whose estimated peak memory exceeds this (GiB; default: the "
                              "container's memory limit, else physical memory; $TRUNKSEG_MEMORY_LIMIT_GB)")
@@ -185,6 +213,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--batch-size and --threads must be >= 1")
     if (args.memory_limit_gb is not None and not args.memory_limit_gb > 0) or not args.time_limit_s >= 0:
         parser.error("--memory-limit-gb must be > 0 and --time-limit-s >= 0")
+    if args.series_description is not None:
+        try:
+            re.compile(args.series_description)
+        except re.error as error:
+            parser.error(f"--series-description {args.series_description!r} is not a regular expression ({error})")
     qc = Path(args.qc_path)
     if qc.suffix != ".png" or qc.is_absolute() or ".." in qc.parts or qc.parts[0] == "images":
         parser.error("--qc-path must be a relative .png path outside images/ (a Thumbnail PNG socket's relative_path)")
@@ -221,16 +254,33 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(number, handler)
 
 
+def series_rule(args: argparse.Namespace, package: ModelPackage) -> SeriesRule:
+    """How DICOM studies choose their series: the overrides, and the model's training spacing as the thickness to approach."""
+    spacing = package.card.pixel_spacing_mm
+    return SeriesRule(target_thickness_mm=sum(spacing) / len(spacing), series_uid=args.series_uid, description=args.series_description,
+                      all_series=args.all_series)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Every case of the run, results.json, and the exit code."""
+    """Every case of the run, results.json, and the exit code; a .zip input is unpacked for the run and removed after it."""
+    with ExitStack() as resources:
+        return run_cases(args, resources)
+
+
+def run_cases(args: argparse.Namespace, resources: ExitStack) -> int:
     try:
-        cases = find_cases(args.input, slug=args.input_slug, vertebrae_slug=args.vertebrae_slug)
+        package = load_model_package(args.model or default_model())  # first: its training spacing chooses among DICOM series
+        source = resources.enter_context(unpacked_archive(args.input)) if is_archive(args.input) else args.input
+        cases = find_cases(source, slug=args.input_slug, vertebrae_slug=args.vertebrae_slug, rule=series_rule(args, package))
         vertebrae = vertebrae_maps(args.vertebrae, cases.cases)
+        grand_challenge = cases.layout == "grand-challenge"
+        if grand_challenge and args.format not in ("auto", "mha"):
+            log(f"--format {args.format} ignored: Grand Challenge's layout takes the mask as .mha")
         report = ReportOptions(vertebra_scheme=args.vertebra_labels, nifti=args.nifti, dicom_seg=not args.no_dicom_seg, dicom_seg_type=args.dicom_seg_type,
-                               qc_path=args.qc_path if cases.layout == "grand-challenge" else None)
+                               qc_path=args.qc_path if grand_challenge else None, mask_format="mha" if grand_challenge else args.format,
+                               viewer_files=not grand_challenge)
         check_output_writable(args.output)
         budget = memory_budget(args.memory_limit_gb)
-        package = load_model_package(args.model or default_model())
         exit_code = 0
         with ReadAhead(budget=budget, read=read_ct) as reader, start_chosen_runtime(args.runtime, args.precision, package, threads=args.threads, log=log) as started:
             runtime, choice = started.runtime, started.choice

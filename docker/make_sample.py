@@ -89,7 +89,7 @@ def evaluation_input(out: Path, jobs: dict[str, Path]) -> dict:
 
 
 def _overlay_segments() -> list[dict]:
-    labels = json.loads((REPO / "model" / "labels.json").read_text())["labels"]
+    labels = json.loads((REPO / "common" / "labels.json").read_text())["labels"]
     return [{"name": name, "visible": True, "voxel_value": int(value)} for name, value in sorted(labels.items(), key=lambda kv: kv[1])]
 
 

@@ -1,9 +1,11 @@
 """Which label values are scored, under which names, and which value marks unannotated voxels.
 
-A labels file is JSON in one of three shapes:
+A labels file is JSON in one of four shapes:
 - the product's own table (common/labels.json): {"labels": {name: value}, "ignore": 255, ...};
 - an nnU-Net v2 dataset.json: {"labels": {"background": 0, name: value, ..., "ignore": N}, ...};
-- a flat map {name: value}.
+- a flat map {name: value};
+- Grand Challenge's overlay segments (a segmentation socket's list): [{"name": ..., "voxel_value": ..., "visible": ...}, ...]
+  (an entry of voxel value 0 is the background; such a list names no ignore value).
 "background" (must be 0) is dropped; "ignore" (inside "labels" as nnU-Net writes it, or at the top
 level) names the ignore value. Region-based nnU-Net labels (lists of values) are refused.
 """
@@ -58,8 +60,24 @@ def _as_label_value(value, *, name: str, path: Path) -> int:
     return value
 
 
+def _overlay_segments(entries: list, path: Path) -> dict:
+    """Grand Challenge's overlay segments as the product's table {"labels": {name: value}} (voxel value 0 named "background")."""
+    table: dict = {}
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "name" not in entry or "voxel_value" not in entry:
+            raise ConfigError(f"{path}: overlay segment {index} must be an object with 'name' and 'voxel_value'")
+        name = str(entry["name"])
+        value = _as_label_value(entry["voxel_value"], name=name, path=path)
+        if value == 0:
+            name = "background"
+        if name in table:
+            raise ConfigError(f"{path}: overlay segment name {name!r} is used twice")
+        table[name] = value
+    return {"labels": table}
+
+
 def load_label_set(path: Path) -> LabelSet:
-    """Read a labels file (product table, nnU-Net dataset.json or flat map); see the module docstring."""
+    """Read a labels file (product table, nnU-Net dataset.json, flat map or overlay segments); see the module docstring."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -69,8 +87,10 @@ def load_label_set(path: Path) -> LabelSet:
         raise ConfigError(f"{path}: cannot read labels file ({error})") from None
     except json.JSONDecodeError as error:
         raise ConfigError(f"{path}: labels file is not valid JSON ({error})") from None
+    if isinstance(data, list):
+        data = _overlay_segments(data, path)
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: labels file must hold a JSON object")
+        raise ConfigError(f"{path}: labels file must hold a JSON object, or Grand Challenge's list of overlay segments")
     table = data.get("labels", data)
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: 'labels' must be an object of name -> value")

@@ -251,3 +251,42 @@ def write_model_card(card: ModelCard, folder: Path) -> Path:
     path = folder / CARD_NAME
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+#: the bundled demo model's name (model/packages/demo-phantom): trained on synthetic phantoms only
+DEMO_MODEL_NAME = "trunkseg-demo-phantom"
+PHANTOM_WARNING = ("segmented with the bundled demo model, trained on synthetic phantoms only: these masks and measures say "
+                   "nothing about a patient (give --model, $TRUNKSEG_MODEL, or mount a real model package at /opt/ml/model)")
+
+
+def is_phantom_only(card: ModelCard) -> bool:
+    """The bundled phantom-only demo model (by its card's name, wherever the package was copied to)."""
+    return card.name == DEMO_MODEL_NAME
+
+
+def find_mounted_package(mount: Path) -> Path | None:
+    """The model package in a model mount (Grand Challenge's /opt/ml/model): the mount itself, or the one folder
+    below it that holds a model card (what a tarball with a top folder unpacks to).
+
+    None when the mount is missing or empty. A mount that holds something, but no model card there or one
+    folder down, is a ModelPackageError naming what it holds: never a silent fall-back to the phantom model.
+    """
+    mount = Path(mount)
+    if (mount / CARD_NAME).is_file():
+        return mount
+    if not mount.is_dir():
+        return None
+    try:
+        entries = sorted(mount.iterdir())
+    except OSError as error:
+        raise ModelPackageError(f"{mount}: model mount cannot be listed ({error.strerror})") from None
+    if not entries:
+        return None
+    packages = [p for p in entries if p.is_dir() and (p / CARD_NAME).is_file()]
+    if len(packages) == 1:
+        return packages[0]
+    names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in (packages or entries)[:8]) + (", ..." if len(packages or entries) > 8 else "")
+    if packages:
+        raise ModelPackageError(f"{mount}: holds {len(packages)} model packages ({names}); expected one")
+    raise ModelPackageError(f"{mount}: holds {names} but no model card ({CARD_NAME}) there or one folder down; "
+                            f"refusing to fall back to the bundled phantom-only demo model")

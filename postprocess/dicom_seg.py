@@ -22,9 +22,10 @@ of each file). The same files always give the same UIDs, so every SEG made from 
 one study and series; the SEG's ContentDescription and results.json say which UIDs were derived. To
 make a viewer link them, stamp those UIDs into the source copy (they are reproducible from the files).
 
-LABELMAP (default; Supplement 243 Label Map Segmentation, one frame per slice, JPEG-LS lossless: 45 kB for
-the 20-slice sample) or BINARY (read by every SEG viewer; one uncompressed 1-bit frame per muscle and slice,
-empty ones omitted: 14.6 MB for the same 20 slices, some 0.7 MB per slice with all 22 muscles).
+BINARY (the default: Segmentation Storage, which every SEG viewer reads; one uncompressed 1-bit frame per muscle
+and slice, empty ones omitted: 14.6 MB for the 20-slice sample, some 0.7 MB per slice with all 22 muscles) or
+LABELMAP (--dicom-seg-type labelmap; Supplement 243 Label Map Segmentation, DICOM 2024, its own SOP Class; one frame
+per slice, JPEG-LS lossless: 45 kB for the same 20 slices; read by few viewers yet: docs/inputs.md "DICOM-SEG").
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
 
 from common.labels import LABELS
 from postprocess.colours import COLOURS
-from preprocess.dicom import list_ct_slices, sort_slices
+from preprocess.dicom import DicomSeries, list_ct_slices, sort_slices
 from common.errors import InputError
 
 #: Type 2 attributes of the Patient, General Study and General Equipment modules that highdicom copies from the
@@ -113,10 +114,13 @@ class SourceSeries:
     folder: Path | None = None  # where the series was read from (for messages)
 
 
-def read_source_series(folder: Path) -> SourceSeries:
-    """The CT series' headers in volume order, with missing UIDs completed as the module docstring says."""
-    folder = Path(folder)
-    slices = list_ct_slices(folder)
+def read_source_series(source: Path | DicomSeries) -> SourceSeries:
+    """The CT series' headers in volume order, with missing UIDs completed as the module docstring says.
+
+    `source`: a series folder, or the series a study chose (preprocess/study.py).
+    """
+    folder = source.folder if isinstance(source, DicomSeries) else Path(source)
+    slices = list_ct_slices(source)
     paths, _ = sort_slices(slices, folder)
     by_path = dict(slices)
     headers = [copy.deepcopy(by_path[p]) for p in paths]
@@ -156,7 +160,7 @@ def read_source_series(folder: Path) -> SourceSeries:
 
 
 def build_segmentation(labels_zyx: np.ndarray, source: SourceSeries, *, model_identity: str, software_version: str,
-                       segmentation_type: str = "labelmap") -> hd.seg.Segmentation:
+                       segmentation_type: str = "binary") -> hd.seg.Segmentation:
     """The SEG object of a label map on the source series' grid (slice k of `labels_zyx` is source.headers[k])."""
     if segmentation_type not in SEGMENTATION_TYPES:
         raise ValueError(f"segmentation type {segmentation_type!r} is not one of {SEGMENTATION_TYPES}")

@@ -6,6 +6,7 @@ pydicom reads headers only; SimpleITK (GDCM) decodes each slice's pixels, rescal
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,37 @@ from preprocess.intensity import check_hu_range
 SPACING_TOLERANCE = 0.05
 
 
+@dataclass(frozen=True)
+class DicomSeries:
+    """The files of one CT series chosen in a study (preprocess/study.py): reading it reads exactly these files."""
+
+    folder: Path  # where the study lies (messages; the DICOM-SEG names it)
+    files: tuple[Path, ...]
+    series_uid: str  # SeriesInstanceUID, "" when the files have none
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    def __str__(self) -> str:
+        return f"{self.folder} (series {self.series_uid or 'without SeriesInstanceUID'})"
+
+
+@dataclass(frozen=True)
+class UnusableStudy:
+    """A study with no axial CT series to segment: reading it raises InputError with `reason` (what was found)."""
+
+    folder: Path
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    def __str__(self) -> str:
+        return str(self.folder)
+
+
 #: SOP classes that hold no single-frame CT slice of a series
 _DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 _ENHANCED_CT_CLASSES = {"1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}  # Enhanced CT, Legacy Converted Enhanced CT
@@ -28,10 +60,12 @@ _ENHANCED_CT_CLASSES = {"1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.
 
 #: every attribute this module reads from a header
 _KEYWORDS_USED = ("SOPClassUID", "Modality", "NumberOfFrames", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
-                  "Rows", "Columns", "SeriesInstanceUID", "SliceThickness", "DirectoryRecordSequence")
+                  "Rows", "Columns", "SeriesInstanceUID", "SliceThickness", "DirectoryRecordSequence",
+                  # preprocess/study.py: grouping a study and choosing its series
+                  "StudyInstanceUID", "ImageType", "ConvolutionKernel", "SeriesDescription", "SeriesNumber", "Manufacturer")
 
 
-def _read_header(path: Path):
+def read_header(path: Path):
     """The header of a DICOM file, or None for a file that is not DICOM.
 
     pydicom's exceptions on hostile bytes are no closed set (InvalidDicomError, BytesLengthException,
@@ -63,7 +97,7 @@ def _floats(header, keyword: str, count: int, path: Path) -> np.ndarray:
     return values
 
 
-def _check_slice_header(path: Path, header) -> None:
+def check_slice_header(path: Path, header) -> None:
     """Refuse a CT slice whose geometry attributes are missing or malformed (they decide the voxel grid)."""
     orientation = _floats(header, "ImageOrientationPatient", 6, path)
     _floats(header, "ImagePositionPatient", 3, path)
@@ -93,7 +127,7 @@ def check_pixel_data(path: Path) -> None:
         pixel_data = dataset.get("PixelData")
         compressed = bool(dataset.file_meta.TransferSyntaxUID.is_compressed)
         needed = int(dataset.Rows) * int(dataset.Columns) * int(dataset.get("SamplesPerPixel", 1) or 1) * int(dataset.BitsAllocated) // 8
-    except Exception:  # the header parsed before (_read_header); what fails now is the data after it, or its description
+    except Exception:  # the header parsed before (read_header); what fails now is the data after it, or its description
         raise InputError(f"{path}: cannot parse its pixel data or the attributes that describe it") from None
     if not pixel_data:
         raise InputError(f"{path}: no pixel data (missing, or cut short)")
@@ -126,24 +160,28 @@ def _classify(path: Path, header) -> str | None:
         raise InputError(f"{path}: multi-frame (enhanced) CT is not supported; export single-frame slices")
     if "ImagePositionPatient" not in header or "ImageOrientationPatient" not in header:
         raise InputError(f"{path}: CT slice without ImagePositionPatient/ImageOrientationPatient: cannot place it")
-    _check_slice_header(path, header)
+    check_slice_header(path, header)
     _series_key(header)
     return "ct"
 
 
-def list_ct_slices(folder: Path) -> list[tuple[Path, object]]:
-    """Headers of the CT image slices of the one CT series in `folder` (searched recursively).
+def list_ct_slices(source: Path | DicomSeries) -> list[tuple[Path, object]]:
+    """Headers of the CT image slices of the one CT series in `source`: a folder (searched recursively) or a DicomSeries.
 
     Files that are not DICOM, and a DICOMDIR, are skipped; DICOM objects of other modalities (MR, SEG,
     RTSTRUCT, ...) are skipped and named when no CT is left.
     """
-    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith("."))
+    if isinstance(source, DicomSeries):
+        folder, files = source.folder, sorted(source.files)
+    else:
+        folder = Path(source)
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     if not files:
         raise InputError(f"{folder}: folder is empty")
     series: dict[tuple, list] = defaultdict(list)
     other_modalities = set()
     for path in files:
-        header = _read_header(path)
+        header = read_header(path)
         if header is None:
             continue
         try:
@@ -209,14 +247,16 @@ def sort_slices(slices: list[tuple[Path, object]], folder: Path) -> tuple[list[P
     return [slices[i][0] for i in order], geometry
 
 
-def read_dicom_series(folder: Path, *, check_size=None) -> tuple[np.ndarray, Geometry]:
-    """Read the single CT series in `folder` as HU (volume_zyx, Geometry).
+def read_dicom_series(source: Path | DicomSeries | UnusableStudy, *, check_size=None) -> tuple[np.ndarray, Geometry]:
+    """Read the single CT series in `source` (a folder, or the series a study chose) as HU (volume_zyx, Geometry).
 
     Headers only until the series is chosen, ordered and (with `check_size`, see preprocess.io.read_ct)
     found to fit the memory budget; then each slice's pixels are decoded.
     """
-    folder = Path(folder)
-    paths, geometry = sort_slices(list_ct_slices(folder), folder)
+    if isinstance(source, UnusableStudy):
+        raise InputError(f"{source.folder}: {source.reason}")
+    folder = source.folder if isinstance(source, DicomSeries) else Path(source)
+    paths, geometry = sort_slices(list_ct_slices(source), folder)
     if check_size is not None:
         check_size(geometry.size_xyz, stored_bytes_per_voxel=2, source=folder)
     volume = None

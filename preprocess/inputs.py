@@ -1,10 +1,14 @@
-"""Find the cases in an input folder: Grand Challenge's layout or a plain folder of CTs.
+"""Find the cases of an input: Grand Challenge's layout, one image file, or a folder, DICOMDIR or tree of CTs and DICOM studies.
 
 - Grand Challenge: /input/inputs.json (when present) names the image sockets; the CT lies under
   /input/<relative_path>/ as exactly one image file (<image-pk>.mha) or a DICOM series (<SOPInstanceUID>.dcm).
   Without inputs.json, /input/images/<slug>/ must hold exactly one socket folder (or pass `slug`).
-- A plain folder: every CT file (.mha/.mhd/.nii/.nii.gz/.nrrd/.nhdr) and every sub-folder (a DICOM
-  series) is one case. A folder holding DICOM files directly is one case.
+- One image file (.mha/.mhd/.nii/.nii.gz/.nrrd/.nhdr): one case, named after the file.
+- A folder (a tree of any depth), a DICOMDIR, or a single DICOM file: every image file is a case (named after
+  the file; the path inside the folder where names repeat), and every DICOM study (StudyInstanceUID) is a
+  case whose CT series preprocess/study.py chooses (with --all-series, each axial CT series). A study
+  is named after its own folder, else a short hash of its StudyInstanceUID (preprocess/study.py); never
+  after a patient's name or ID. A .zip is unpacked first (preprocess/archive.py).
 
 Paths from inputs.json must stay inside the input folder (no traversal, no symlinks out).
 """
@@ -12,11 +16,14 @@ Paths from inputs.json must stay inside the input folder (no traversal, no symli
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from preprocess.dicom import DicomSeries, UnusableStudy
 from common.errors import InputError
 from preprocess.io import case_id, is_image_file
+from preprocess.study import SeriesRule, choose_series, group_studies, name_series, name_studies, scan_headers
 
 IMAGE_KINDS = {"Image", "DICOM Image Set"}
 
@@ -24,13 +31,15 @@ IMAGE_KINDS = {"Image", "DICOM Image Set"}
 @dataclass(frozen=True)
 class Case:
     case_id: str
-    source: Path  # an image file or a DICOM series folder
+    source: Path | DicomSeries | UnusableStudy  # an image file, a DICOM series folder, the series a study chose, or a study without one
     vertebrae: Path | None = None  # a vertebra label map given with the CT (Grand Challenge: its own socket)
+    id_from: str | None = None  # where the case id comes from (results.json "case_id_from"); None: Grand Challenge's socket
+    selection: dict | None = field(default=None, compare=False)  # a study's series: the chosen one, why, and the others' reasons
 
 
 @dataclass(frozen=True)
 class CaseList:
-    layout: str  # "grand-challenge" or "folder"
+    layout: str  # "grand-challenge", "folder", "file" or "dicomdir"
     cases: tuple[Case, ...]
 
 
@@ -81,11 +90,106 @@ def _vertebrae_in_socket(root: Path, folder: Path) -> Path:
     return case.source
 
 
-def find_cases(input_dir: Path, *, slug: str | None = None, vertebrae_slug: str | None = None) -> CaseList:
-    """The cases; with `vertebrae_slug`, Grand Challenge's socket of that slug (when present) is the vertebra label map."""
+def _image_case_ids(images: list[Path], root: Path) -> list[tuple[str, str]]:
+    """(case id, where it comes from) of each image file: its name, or its path inside `root` where names repeat."""
+    names = [case_id(p) for p in images]
+    ids = []
+    for path, name in zip(images, names):
+        if names.count(name) == 1:
+            ids.append((name, "file name"))
+        else:
+            relative = path.relative_to(root)
+            ids.append(("_".join((*relative.parts[:-1], case_id(relative))), "file path (file names repeat)"))
+    return ids
+
+
+def _walk(root: Path) -> tuple[list[Path], list[Path]]:
+    """(image files, other files) under `root`, any depth, hidden names skipped; symbolic links followed, each folder once."""
+    images, others = [], []
+    seen: set[Path] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = Path(folder).resolve()
+        if real in seen:  # a link back to a folder already walked (a loop, or two links to one folder)
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = Path(folder) / name
+            if name.startswith(".") or not path.is_file():
+                continue
+            (images if is_image_file(path) else others).append(path)
+    return images, others
+
+
+def _dicomdir_files(path: Path) -> list[Path]:
+    """The files a DICOMDIR references (pydicom's FileSet), each inside the DICOMDIR's folder."""
+    from pydicom.fileset import FileSet
+
+    try:
+        fileset = FileSet(path)
+        files = [Path(instance.path) for instance in fileset]
+    except Exception as error:  # pydicom's errors on a malformed DICOMDIR are no closed set
+        raise InputError(f"{path}: not a readable DICOMDIR ({type(error).__name__}: {' '.join(str(error).split())[:160]})") from None
+    for file in files:
+        _inside(path.parent, file, str(path))
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise InputError(f"{path}: references {len(missing)} missing file(s), e.g. {missing[0]}")
+    return sorted(files)
+
+
+def cases_of_files(root: Path, images: list[Path], others: list[Path], *, rule: SeriesRule, layout: str) -> CaseList:
+    """The cases of some image files and of the DICOM studies among `others` (names relative to `root`)."""
+    image_ids = _image_case_ids(images, root)
+    cases = [Case(name, path, id_from=source) for path, (name, source) in zip(images, image_ids)]
+    studies = group_studies(scan_headers(others)) if others else []
+    if rule.series_uid is not None:
+        studies = [s for s in studies if any(series.series_uid == rule.series_uid for series in s.series)]
+        if not studies:
+            raise InputError(f"{root}: no series with SeriesInstanceUID {rule.series_uid} (--series-uid)")
+    if not cases and not studies:
+        if others:
+            raise InputError(f"{root}: no CT image slices found (no DICOM file among its {len(others)} file(s), and no image file)")
+        raise InputError(f"{root}: input folder is empty")
+    names = name_studies(studies, root=root, taken={name for name, _ in image_ids})
+    for study in studies:
+        name, source = names[study.key]
+        try:
+            choice = choose_series(study, rule)
+        except InputError as error:
+            cases.append(Case(name, UnusableStudy(study.folder, str(error)), id_from=source))
+            continue
+        ids = name_series(name, choice.chosen) if rule.all_series else [name]
+        for series, series_name in zip(choice.chosen, ids):
+            selection = {"study_instance_uid": study.study_uid or None, **choice.report(series)}
+            cases.append(Case(series_name, DicomSeries(study.folder, series.files, series.series_uid), id_from=source, selection=selection))
+    ids = [c.case_id for c in cases]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise InputError(f"{root}: several inputs share the case name(s) {', '.join(duplicates)}")
+    return CaseList(layout, tuple(sorted(cases, key=lambda c: c.case_id)))
+
+
+def _cases_of_path(path: Path, rule: SeriesRule) -> CaseList:
+    """One image file, a DICOMDIR, or a single DICOM file given as --input."""
+    if is_image_file(path):
+        return CaseList("file", (Case(case_id(path), path, id_from="file name"),))
+    if path.name.upper() == "DICOMDIR":
+        return cases_of_files(path.parent, [], _dicomdir_files(path), rule=rule, layout="dicomdir")
+    return cases_of_files(path.parent, [], [path], rule=rule, layout="file")
+
+
+def find_cases(input_dir: Path, *, slug: str | None = None, vertebrae_slug: str | None = None, rule: SeriesRule = SeriesRule()) -> CaseList:
+    """The cases; with `vertebrae_slug`, Grand Challenge's socket of that slug (when present) is the vertebra label map.
+
+    `rule` chooses the series of DICOM studies outside Grand Challenge's layout (preprocess/study.py).
+    """
     root = Path(input_dir)
+    if root.is_file():
+        return _cases_of_path(root, rule)
     if not root.is_dir():
-        raise InputError(f"{root}: input folder does not exist")
+        raise InputError(f"{root}: input does not exist (no such file or folder)")
     inputs_json = root / "inputs.json"
     if inputs_json.is_file():
         sockets = []
@@ -127,19 +231,8 @@ def find_cases(input_dir: Path, *, slug: str | None = None, vertebrae_slug: str 
         if vertebra_folders:
             case = Case(case.case_id, case.source, _vertebrae_in_socket(root, vertebra_folders[0]))
         return CaseList("grand-challenge", (case,))
-    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
-    if not entries:
-        raise InputError(f"{root}: input folder is empty")
-    images = [p for p in entries if is_image_file(p)]
-    series = [p for p in entries if p.is_dir()]
-    if not images and not series:
-        return CaseList("folder", (Case(root.name, root),))  # DICOM files directly in the folder
-    cases = tuple(Case(case_id(p), p) for p in images) + tuple(Case(p.name, p) for p in series)
-    ids = [c.case_id for c in cases]
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
-    if duplicates:
-        raise InputError(f"{root}: several inputs share the case name(s) {', '.join(duplicates)}")
-    return CaseList("folder", cases)
+    images, others = _walk(root)
+    return cases_of_files(root, images, others, rule=rule, layout="folder")
 
 
 def vertebrae_maps(path: Path | None, cases) -> dict[str, Path]:

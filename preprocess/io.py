@@ -8,6 +8,7 @@ preprocess/dicom.py owns the series logic (selection, ordering, gaps).
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -289,11 +290,15 @@ SizeCheck = Callable[..., None]
 
 
 def read_ct(path: Path, *, check_size: SizeCheck | None = None) -> tuple[np.ndarray, Geometry]:
-    """Read a CT from an image file or a DICOM series folder as HU (volume_zyx, Geometry).
+    """Read a CT from an image file, a DICOM series folder or a series chosen in a study as HU (volume_zyx, Geometry).
 
     The header is read and checked first (dimension, pixel type, size and, with `check_size`, the
     memory budget), so that a volume that cannot be used is refused before a voxel is decoded.
     """
+    if not isinstance(path, (str, os.PathLike)):  # a series a study chose (preprocess.dicom.DicomSeries, UnusableStudy)
+        from preprocess.dicom import read_dicom_series
+
+        return read_dicom_series(path, check_size=check_size)
     path = Path(path)
     if path.is_dir():
         from preprocess.dicom import read_dicom_series  # pydicom only where DICOM is read (the evaluation image has none)

@@ -38,7 +38,7 @@ class ReadAhead:
     def __init__(self, *, budget: MemoryBudget | None, read: Read = read_ct):
         self.budget = budget
         self._read = read
-        self._pending: dict[Path, Future] = {}
+        self._pending: dict[object, Future] = {}  # by source: a path, or a series a study chose (preprocess.dicom.DicomSeries)
 
     def __enter__(self) -> "ReadAhead":
         return self
@@ -48,7 +48,7 @@ class ReadAhead:
 
     def read(self, source: Path) -> tuple[np.ndarray, Geometry]:
         """The CT of `source`: the one read ahead (or its error), else read now against the whole budget."""
-        future = self._pending.pop(Path(source), None)
+        future = self._pending.pop(source, None)
         if future is not None:
             try:
                 return future.result()
@@ -58,7 +58,7 @@ class ReadAhead:
 
     def start(self, source: Path, *, beside: tuple[np.ndarray, Geometry]) -> None:
         """Begin reading `source` in the background, beside the case in progress (its volume and geometry)."""
-        if Path(source) in self._pending:
+        if source in self._pending:
             return
         check = None
         if self.budget is not None:
@@ -77,8 +77,8 @@ class ReadAhead:
 
         # a daemon thread, not an executor's: a read stuck in native code (or a hung file system) must neither
         # keep the process from exiting nor escape the case's time budget, which the main thread enforces
-        threading.Thread(target=work, name=f"trunkseg-read-ahead-{Path(source).name}", daemon=True).start()
-        self._pending[Path(source)] = future
+        threading.Thread(target=work, name=f"trunkseg-read-ahead-{getattr(source, 'name', source)}", daemon=True).start()
+        self._pending[source] = future
 
 
 def _room_check(budget: MemoryBudget, held_bytes: int):

@@ -74,7 +74,7 @@ def run_ours(package: Path, ct: Path, work: Path, runtime: str = "onnxruntime") 
     inp.mkdir(parents=True, exist_ok=True)
     shutil.copy(ct, inp / ct.name)
     started = time.perf_counter()
-    assert process.main(["--input", str(inp), "--output", str(out), "--model", str(package), "--runtime", runtime]) == 0
+    assert process.main(["--input", str(inp), "--output", str(out), "--model", str(package), "--runtime", runtime, "--format", "mha"]) == 0
     seconds = time.perf_counter() - started
     name = ct.name.split(".")[0]
     return sitk.GetArrayFromImage(sitk.ReadImage(str(out / "images" / process.OUTPUT_SLUG / f"{name}.mha"))), seconds

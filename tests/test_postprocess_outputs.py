@@ -153,7 +153,7 @@ def test_dicom_input_gets_a_seg_that_matches_the_written_mask(tmp_path, ts_examp
     assert process.main(["--input", str(series), "--output", str(out), "--threads", "2"]) == 0
     case = json.loads((out / "results.json").read_text())["cases"][0]
     seg_entry = case["outputs"]["dicom_seg"]
-    assert seg_entry["type"] == "labelmap" and seg_entry["derived_source_uids"] == ["SeriesInstanceUID", "StudyInstanceUID"]
+    assert seg_entry["type"] == "binary" and seg_entry["derived_source_uids"] == ["SeriesInstanceUID", "StudyInstanceUID"]
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / case["output"])))
     source = read_source_series(series)
     assert seg_entry["references_series"] == str(source.headers[0].SeriesInstanceUID)  # reproducible: re-derived here from the files

@@ -220,7 +220,7 @@ def test_process_reports_the_precision_it_ran(tmp_path, demo_package):
             record_agreement(package, {"openvino-bf16": {"holds": False, "voxel_agreement": 0.99, "min_dice": 0.9}})
         out = tmp_path / name
         assert process.main(["--input", str(tmp_path / "in"), "--output", str(out), "--model", str(package),
-                             "--runtime", "openvino", "--precision", precision, "--threads", "2"]) == 0
+                             "--runtime", "openvino", "--precision", precision, "--threads", "2", "--format", "mha"]) == 0
         runtime = json.loads((out / "results.json").read_text())["runtime"]
         masks[name] = (out / "images" / process.OUTPUT_SLUG / "p.mha").read_bytes()
         assert runtime["name"] == "openvino" and runtime["precision_reason"]

@@ -53,7 +53,7 @@ def _dice_per_muscle(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 def lps_run(phantom, tmp_path_factory):
     folder = tmp_path_factory.mktemp("lps")
     _write_phantom(phantom, folder / "in" / "phantom.nii.gz")
-    code = process.main(["--input", str(folder / "in"), "--output", str(folder / "out")])
+    code = process.main(["--input", str(folder / "in"), "--output", str(folder / "out"), "--format", "mha"])  # .mha: the grid bit for bit
     assert code == 0
     return folder / "out"
 
@@ -116,7 +116,7 @@ def test_results_json_volumes_and_mean_hu_match_the_mask(lps_run, phantom):
 @pytest.mark.parametrize("frame", ["RAS", "PIR", "LPI"])
 def test_any_storage_frame_gives_the_same_physical_mask_on_the_exact_input_grid(frame, phantom, lps_run, tmp_path, capsys):
     path = _write_phantom(phantom, tmp_path / "in" / "phantom.nii.gz", frame)
-    code, _ = _run(["--input", tmp_path / "in", "--output", tmp_path / "out"], capsys)
+    code, _ = _run(["--input", tmp_path / "in", "--output", tmp_path / "out", "--format", "mha"], capsys)
     assert code == 0
     mask, image = _read_mask(tmp_path / "out" / "images" / SLUG / "phantom.mha")
     source = sitk.ReadImage(str(path))
@@ -185,7 +185,7 @@ def test_corrupt_model_package_exits_4(tmp_path, capsys):
 
 def test_real_ct_nifti_keeps_its_grid(ts_example, tmp_path, capsys):
     shutil.copy(ts_example / "example_ct.nii.gz", tmp_path / "example_ct.nii.gz")
-    code, err = _run(["--input", tmp_path, "--output", tmp_path / "out"], capsys)
+    code, err = _run(["--input", tmp_path, "--output", tmp_path / "out", "--format", "mha"], capsys)
     assert code == 0, err
     mask, image = _read_mask(tmp_path / "out" / "images" / SLUG / "example_ct.mha")
     assert Geometry.from_image(image) == Geometry.from_image(sitk.ReadImage(str(ts_example / "example_ct.nii.gz")))
@@ -200,7 +200,7 @@ def test_real_dicom_and_its_nifti_conversion_give_the_same_mask(ts_example, tmp_
     (tmp_path / "in").mkdir()
     sitk.WriteImage(nifti, str(tmp_path / "in" / "converted.nii.gz"))
     shutil.copytree(ts_example / "example_ct_dicom", tmp_path / "in" / "dicom")
-    code, err = _run(["--input", tmp_path / "in", "--output", tmp_path / "out"], capsys)
+    code, err = _run(["--input", tmp_path / "in", "--output", tmp_path / "out", "--format", "mha"], capsys)
     assert code == 0, err
     _, from_dicom = _read_mask(tmp_path / "out" / "images" / SLUG / "dicom.mha")
     _, from_nifti = _read_mask(tmp_path / "out" / "images" / SLUG / "converted.mha")
@@ -221,7 +221,7 @@ def test_entry_point_runs_as_a_script(tmp_path):
 
 def test_same_input_same_mask_bit_for_bit(lps_run, phantom, tmp_path, capsys):
     _write_phantom(phantom, tmp_path / "in" / "phantom.nii.gz")
-    code, _ = _run(["--input", tmp_path / "in", "--output", tmp_path / "out"], capsys)
+    code, _ = _run(["--input", tmp_path / "in", "--output", tmp_path / "out", "--format", "mha"], capsys)
     assert code == 0
     again, _ = _read_mask(tmp_path / "out" / "images" / SLUG / "phantom.mha")
     first, _ = _read_mask(lps_run / "images" / SLUG / "phantom.mha")
