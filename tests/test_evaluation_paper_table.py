@@ -196,11 +196,11 @@ def test_a_bad_published_file_is_a_configuration_error_before_any_scoring(tmp_pa
 
 
 # README.md states the demo's mean Dice against the sample's sparse ground truth as 0.954. The run is
-# deterministic on one machine (tests/test_precision.py); another CPU or thread count may move a few
-# boundary voxels (OpenVINO's fp32 kernels differ by instruction set), which moves this 13-slice mean by
-# far less than the tolerance.
+# deterministic on one machine (tests/test_precision.py), and the three CPU runtimes gave the same mean here;
+# another CPU may move a few boundary voxels (OpenVINO's fp32 kernels differ by instruction set), which moves
+# this 13-slice mean by far less than the tolerance.
 DEMO_MEAN_DICE = 0.954
-DEMO_TOLERANCE = 0.002
+DEMO_TOLERANCE = 0.001  # covers the rounding; measured 0.954242 with OpenVINO (1 and 2 threads), ONNX Runtime and torch alike
 
 
 def test_the_table_on_the_demo_outputs_has_every_muscle_and_level_and_the_readme_figure(tmp_path, capsys):

@@ -179,6 +179,22 @@ def test_int8_export_keeps_the_logits_layer_in_float_and_is_measured(int8_packag
     assert choose_precision("auto", runtime="openvino", card=card).name == expected
 
 
+def test_openvino_int8_runs_the_int8_graph_in_f32_near_fp32(int8_package, volumes):
+    """Needs no bf16 (the int8+bf16 variant below does): the int8 file runs, with f32 between its convolutions."""
+    from model.quantize import calibration_tiles
+
+    tiles = calibration_tiles(int8_package.card, volumes[:1], max_tiles=2)  # real network inputs (a phantom's slices)
+    logits = {}
+    for key in ("openvino-fp32", "openvino-int8"):
+        with open_runner(key, int8_package, threads=2) as runner:
+            logits[key] = runner(tiles)
+            assert runner.compile_config()["INFERENCE_PRECISION_HINT"] == "f32"
+    fp32, int8 = logits["openvino-fp32"], logits["openvino-int8"]
+    assert not np.array_equal(int8, fp32)  # the int8 graph ran, not the float one
+    assert float(np.abs(int8 - fp32).mean()) < 0.02 / 1.5 * float(np.abs(fp32).max())  # the bound the bf16 test below implies
+    assert (int8.argmax(1) == fp32.argmax(1)).mean() > 0.999
+
+
 @needs_bf16
 def test_int8_bf16_runs_the_int8_graph_with_bf16_between_its_convolutions(int8_package, volumes):
     from model.quantize import calibration_tiles
@@ -215,32 +231,35 @@ def test_runs_are_identical_from_run_to_run(demo_package, key, request):
 
 # --- process.py: the option and its report ---------------------------------------------------------------
 
-@needs_bf16
-def test_process_reports_the_precision_it_ran(tmp_path, demo_package):
-    phantom = make_phantom(31, size_xy=(200, 180), spacing_mm=(1.6, 1.6, 6.0), n_slices=6)
-    write_volume(phantom.ct_zyx, tmp_path / "in" / "p.nii.gz", spacing=phantom.geometry.spacing_mm)
-    package = tmp_path / "pkg"
+def _run_process_with_record(tmp_path, name: str, precision: str, record: dict) -> tuple[dict, bytes]:
+    """process.py on a small phantom with the demo package whose card records `record`; (runtime entry, mask bytes)."""
+    if not (tmp_path / "in" / "p.nii.gz").exists():
+        phantom = make_phantom(31, size_xy=(200, 180), spacing_mm=(1.6, 1.6, 6.0), n_slices=6)
+        write_volume(phantom.ct_zyx, tmp_path / "in" / "p.nii.gz", spacing=phantom.geometry.spacing_mm)
+    package = tmp_path / f"pkg-{name}"
     shutil.copytree(DEMO_MODEL, package)
-    masks = {}
-    for name, precision in (("auto-unrecorded", "auto"), ("bf16", "bf16"), ("auto-recorded", "auto")):
-        if name == "auto-recorded":
-            record_agreement(package, {"openvino-bf16": {"holds": True, "voxel_agreement": 1.0, "min_dice": 1.0}})
-        elif name == "auto-unrecorded":
-            record_agreement(package, {"openvino-bf16": {"holds": False, "voxel_agreement": 0.99, "min_dice": 0.9}})
-        out = tmp_path / name
-        assert process.main(["--input", str(tmp_path / "in"), "--output", str(out), "--model", str(package),
-                             "--runtime", "openvino", "--precision", precision, "--threads", "2"]) == 0
-        runtime = json.loads((out / "results.json").read_text())["runtime"]
-        masks[name] = (out / "images" / process.OUTPUT_SLUG / "p.mha").read_bytes()
-        assert runtime["name"] == "openvino" and runtime["precision_reason"]
-        if name == "auto-unrecorded":
-            assert runtime["precision"] == "fp32" and runtime["precision_verified"]
-        elif name == "bf16":
-            assert runtime["precision"] == "bf16" and not runtime["precision_verified"]
-        else:
-            assert runtime["precision"] == "bf16" and runtime["precision_verified"]
-    assert masks["bf16"] == masks["auto-recorded"]  # the same settings give the same mask, byte for byte
+    record_agreement(package, {"openvino-bf16": record})
+    out = tmp_path / name
+    assert process.main(["--input", str(tmp_path / "in"), "--output", str(out), "--model", str(package),
+                         "--runtime", "openvino", "--precision", precision, "--threads", "2"]) == 0
+    runtime = json.loads((out / "results.json").read_text())["runtime"]
+    assert runtime["name"] == "openvino" and runtime["precision_reason"]
+    return runtime, (out / "images" / process.OUTPUT_SLUG / "p.mha").read_bytes()
 
+
+def test_process_runs_fp32_when_the_card_records_no_faster_mode_holding(tmp_path):
+    """Needs no bf16: with bf16 recorded as not holding (or no bf16 on this CPU), auto runs fp32 and says it is verified."""
+    runtime, _ = _run_process_with_record(tmp_path, "auto-unrecorded", "auto", {"holds": False, "voxel_agreement": 0.99, "min_dice": 0.9})
+    assert runtime["precision"] == "fp32" and runtime["precision_verified"]
+
+
+@needs_bf16
+def test_process_reports_the_bf16_it_ran_and_whether_the_card_verified_it(tmp_path):
+    runtime, explicit = _run_process_with_record(tmp_path, "bf16", "bf16", {"holds": False, "voxel_agreement": 0.99, "min_dice": 0.9})
+    assert runtime["precision"] == "bf16" and not runtime["precision_verified"]
+    runtime, recorded = _run_process_with_record(tmp_path, "auto-recorded", "auto", {"holds": True, "voxel_agreement": 1.0, "min_dice": 1.0})
+    assert runtime["precision"] == "bf16" and runtime["precision_verified"]
+    assert explicit == recorded  # the same settings give the same mask, byte for byte
 
 def test_agreement_of_counts_every_volume():
     a = [np.zeros((2, 10, 10), np.uint8), np.ones((1, 10, 10), np.uint8)]
