@@ -8,7 +8,7 @@ Writes <output>/images/<output-slug>/<case>.mha (uint8 labels on the input grid,
 common/labels.json; outside Grand Challenge's layout in the input's format family or --format, with
 viewers/ colour tables for 3D Slicer and ITK-SNAP), the case's measures (measures/<case>.csv), QC picture (qc/<case>.png; in Grand
 Challenge's layout the Thumbnail PNG at --qc-path), DICOM-SEG for DICOM input (dicom-seg/<case>.dcm) and
-with --nifti nifti/<case>.nii.gz (README "Outputs"), and <output>/results.json. Exit codes: 0 all cases done, 2 usage, 3 bad input,
+with --nifti nifti/<case>.nii.gz (docs/outputs.md), and <output>/results.json. Exit codes: 0 all cases done, 2 usage, 3 bad input,
 4 bad model package, 5 output not writable or full, 6 runtime unavailable, 7 a case exceeded the
 memory budget (refused from its header) or the time budget (stopped), 1 unexpected. A failed case
 leaves no output of its own and one line on stderr; the other cases still run (after an output

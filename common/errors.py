@@ -1,6 +1,6 @@
 """The product's small exception family. Messages name the file and what was wrong.
 
-process.py turns each into one line on stderr and the exit code documented here (and in README.md):
+process.py turns each into one line on stderr and the exit code documented here (and in docs/architecture.md):
 
     0 every case done          3 bad input (InputError)        6 runtime unavailable
     1 unexpected failure       4 bad model package             7 a case exceeded the memory or time budget

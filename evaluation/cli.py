@@ -33,6 +33,7 @@ from evaluation.labels import (
     with_ignore,
 )
 from evaluation.levels import load_level_table, order_levels
+from evaluation.paper_table import TABLE_MARKDOWN, load_published, render_paper_table
 from evaluation.report import (
     FIGURE_FILE,
     build_metrics,
@@ -40,6 +41,7 @@ from evaluation.report import (
     render_slices_csv,
     write_outputs,
 )
+from common.atomic import write_bytes_atomically
 from common.labels import LEVELS
 
 GC_INPUT = Path("/input")
@@ -79,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-slug", default=DEFAULT_OUTPUT_SLUG, help=f"Grand Challenge: slug of the segmentation output socket (default {DEFAULT_OUTPUT_SLUG})")
     parser.add_argument("--allow-missing", action="store_true", help="score a case without a prediction as an empty prediction (0) instead of failing")
     parser.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: CPUs, capped by GRAND_CHALLENGE_MAX_WORKERS)")
+    parser.add_argument("--published", type=Path, default=None, help=f"CSV of the paper's published Dice (header name,dice[,sd]): writes {TABLE_MARKDOWN} (and .csv), the paper's table beside ours; see docs/reproduce.md")
+    parser.add_argument("--paper-table", action="store_true", help=f"write {TABLE_MARKDOWN} (and .csv) without published figures")
     parser.add_argument("--no-figure", action="store_true", help=f"do not draw {FIGURE_FILE}")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -131,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output.exists() and not args.output.is_dir():
         raise OutputError(f"{args.output}: output is not a folder")
     settings = resolve_settings(args)
+    published = load_published(args.published, settings) if args.published is not None else None
     pairing = pair_cases(args)
     for note in pairing.notes:
         log(f"warning: {note}")
@@ -176,7 +181,12 @@ def run(args: argparse.Namespace) -> int:
     }
     metrics = build_metrics(results, settings, run_info=run_info)
     figure = None if args.no_figure else render_figure(results, settings)
-    written = write_outputs(args.output, metrics=metrics, slices_csv=render_slices_csv(results, settings), figure_png=figure)
+    tables = []
+    if published is not None or args.paper_table:  # before metrics.json, which write_outputs writes last
+        for name, content in render_paper_table(results, settings, published).items():
+            write_bytes_atomically(args.output / name, content)
+            tables.append(args.output / name)
+    written = tables + write_outputs(args.output, metrics=metrics, slices_csv=render_slices_csv(results, settings), figure_png=figure)
     overall = metrics["aggregates"]["dice"]["overall"]
     summary = f"mean Dice {overall['mean']:.4f} (n={overall['n']})" if overall["mean"] is not None else "no muscle scored"
     log(f"{summary}; wrote {', '.join(str(p) for p in written)} in {time.perf_counter() - started:.1f} s", quiet=quiet)

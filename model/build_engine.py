@@ -2,7 +2,7 @@
 
     python -m model.build_engine PKG                 # -> PKG/engines/<gpu>-sm<cc>-trt<version>-fp16-<typing>-<key>.plan
     python -m model.build_engine PKG --out DIR       # anywhere else (e.g. $TRUNKSEG_ENGINE_CACHE)
-    python -m model.build_engine PKG --check-only    # no GPU needed: does TensorRT's ONNX parser support this graph?
+    python -m model.build_engine PKG --check-only    # no GPU needed: are its operators in our table of what TensorRT supports?
 
 The runtime finds an engine in PKG/engines/ or in its cache folder when the key matches (GPU name and
 compute capability, TensorRT version, the package's ONNX checksum, precision, typing, tile and batch
@@ -27,7 +27,8 @@ from common.errors import RuntimeUnavailableError, TrunkSegError
 
 
 def check_graphs(package, *, precision: str, log) -> int:
-    """Operator check of the package ONNX and (fp16) of its float16 export; 0 when TensorRT's parser supports both."""
+    """Operator check of the package ONNX and (fp16) of its float16 export against TENSORRT_OPERATORS, our table of
+    onnx-tensorrt's documented operators (not TensorRT's parser: that needs TensorRT); 0 when both pass."""
     graphs = [package.path_of("onnx")]
     with tempfile.TemporaryDirectory(prefix="trunkseg-fp16-") as work:
         if precision == "fp16":
@@ -42,7 +43,7 @@ def check_graphs(package, *, precision: str, log) -> int:
         failures = 0
         for graph in graphs:
             problems = check_tensorrt_operators(graph)
-            log(f"{graph.name}: " + ("every operator is supported by TensorRT's ONNX parser" if not problems else f"{len(problems)} problem(s)"))
+            log(f"{graph.name}: " + ("every operator and type is in our table of onnx-tensorrt's documented operators (the parser itself did not run)" if not problems else f"{len(problems)} problem(s)"))
             for problem in problems:
                 log(f"  {problem}")
             failures += bool(problems)
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--typing", choices=TYPINGS, default=None, help="weak: fp16 builder flag (TensorRT 10); strong: float16 ONNX (default on TensorRT 11)")
     parser.add_argument("--batch", type=int, nargs=3, metavar=("MIN", "OPT", "MAX"), default=(DEFAULT_MIN_BATCH, DEFAULT_OPT_BATCH, DEFAULT_MAX_BATCH))
     parser.add_argument("--rebuild", action="store_true", help="build even when a matching engine exists")
-    parser.add_argument("--check-only", action="store_true", help="only check the graphs' operators against TensorRT's parser (no GPU needed)")
+    parser.add_argument("--check-only", action="store_true", help="only check the graphs' operators against our table of onnx-tensorrt's documented operators (no GPU or TensorRT needed; not the parser itself)")
     args = parser.parse_args(argv)
 
     def log(message: str) -> None:

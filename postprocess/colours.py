@@ -3,7 +3,7 @@
 Eleven hues, one per muscle (Sasha Trubetskoy's "20 distinct colours", chosen so that neighbours differ:
 the obliques, latissimus and serratus; erector spinae, transversospinalis, quadratus lumborum and psoas).
 The patient's right side has the full colour, the left side the same hue mixed 45 % with white, so that a
-side swap is as visible as a wrong muscle. The README lists the table.
+side swap is as visible as a wrong muscle. docs/outputs.md lists the table.
 """
 
 from __future__ import annotations

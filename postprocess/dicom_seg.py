@@ -7,7 +7,7 @@ type AUTOMATIC with the model's identity, and the display colour of postprocess/
 
 Codes. Exact: pectoralis major, serratus anterior, latissimus dorsi, trapezius and erector spinae are in
 DICOM PS3.16 (CID 6116 / 7151). The standard has no concept for the others, so they carry the nearest
-broader concept, flagged `approximate` here and in the README; the segment label names the muscle exactly:
+broader concept, flagged `approximate` here and in docs/outputs.md; the segment label names the muscle exactly:
 rectus abdominis, external and internal oblique, quadratus lumborum -> "Abdominal wall muscle"
 (SCT 1142228004, CID 7154); psoas major -> "Iliopsoas muscle" (SCT 68455001); transversospinalis ->
 "Deep muscle of back" (SCT 244849004), both as TotalSegmentator codes its iliopsoas and autochthon.

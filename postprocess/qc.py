@@ -154,8 +154,34 @@ def render_qc(labels_zyx: np.ndarray, hu_zyx: np.ndarray, measures: SliceMeasure
             draw.text((6, image.height - 18), "A", font=small, fill=_TEXT)
             draw.text((image.width - 14, image.height - 18), "P", font=small, fill=_TEXT)
 
-    # legend: one row per muscle, right then left
-    present = measures.voxels.sum(axis=0) > 0
+    legend = draw_legend(measures.voxels.sum(axis=0) > 0, sagittal_label=sagittal_label)
+
+    # compose
+    columns = min(len(tiles), TILES_PER_ROW)
+    tile_rows = -(-len(tiles) // TILES_PER_ROW)
+    axial_w = columns * TILE_WIDTH_PX + (columns - 1) * _GAP
+    bottom_w = coronal.width + sagittal.width + legend.width + 2 * _GAP
+    header_h = 52
+    width = max(axial_w, bottom_w) + 2 * _GAP
+    height = header_h + tile_rows * (tile_h + _GAP) + max(reformat_h, legend.height) + 2 * _GAP
+    canvas = Image.new("RGB", (width, height), _BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    draw.text((_GAP, 6), title, font=_font(20), fill=_TEXT)
+    draw.text((_GAP, 30), subtitle, font=small, fill=_DIM)
+    for i, tile in enumerate(tiles):
+        row, column = divmod(i, TILES_PER_ROW)
+        canvas.paste(tile, (_GAP + column * (TILE_WIDTH_PX + _GAP), header_h + row * (tile_h + _GAP)))
+    top = header_h + tile_rows * (tile_h + _GAP) + _GAP
+    canvas.paste(coronal, (_GAP, top))
+    canvas.paste(sagittal, (_GAP + coronal.width + _GAP, top))
+    canvas.paste(legend, (_GAP + coronal.width + sagittal.width + 2 * _GAP, top))
+    return canvas
+
+
+def draw_legend(present: np.ndarray, *, sagittal_label: str) -> Image.Image:
+    """The legend: one row per muscle (right, then left swatch); a muscle absent from the mask is crossed out and
+    named "absent" (`present[value]`: the label value occurs in the mask)."""
+    small = _font(13)
     table = colour_lookup_table()
     muscles = sorted({name.rsplit("_", 1)[0] for name in LABELS}, key=lambda m: LABELS[f"{m}_right"])
     row_h, swatch = 24, 16
@@ -181,27 +207,7 @@ def render_qc(labels_zyx: np.ndarray, hu_zyx: np.ndarray, measures: SliceMeasure
     draw.text((8, note_top), f"W{WINDOW_WIDTH_HU:.0f} L{WINDOW_LEVEL_HU:.0f}; fill {FILL_OPACITY:.0%}, outline full", font=small, fill=_DIM)
     draw.text((8, note_top + 18), f"sagittal {sagittal_label}", font=small, fill=_DIM)
     draw.text((8, note_top + 36), "yellow cross: vertebral body centre (moment arms)", font=small, fill=_DIM)
-
-    # compose
-    columns = min(len(tiles), TILES_PER_ROW)
-    tile_rows = -(-len(tiles) // TILES_PER_ROW)
-    axial_w = columns * TILE_WIDTH_PX + (columns - 1) * _GAP
-    bottom_w = coronal.width + sagittal.width + legend.width + 2 * _GAP
-    header_h = 52
-    width = max(axial_w, bottom_w) + 2 * _GAP
-    height = header_h + tile_rows * (tile_h + _GAP) + max(reformat_h, legend.height) + 2 * _GAP
-    canvas = Image.new("RGB", (width, height), _BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-    draw.text((_GAP, 6), title, font=_font(20), fill=_TEXT)
-    draw.text((_GAP, 30), subtitle, font=small, fill=_DIM)
-    for i, tile in enumerate(tiles):
-        row, column = divmod(i, TILES_PER_ROW)
-        canvas.paste(tile, (_GAP + column * (TILE_WIDTH_PX + _GAP), header_h + row * (tile_h + _GAP)))
-    top = header_h + tile_rows * (tile_h + _GAP) + _GAP
-    canvas.paste(coronal, (_GAP, top))
-    canvas.paste(sagittal, (_GAP + coronal.width + _GAP, top))
-    canvas.paste(legend, (_GAP + coronal.width + sagittal.width + 2 * _GAP, top))
-    return canvas
+    return legend
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -1,6 +1,6 @@
 """Everything a case writes besides its mask: measures (results.json part + CSV), QC picture, DICOM-SEG, NIfTI.
 
-Paths, relative to the output folder (see README "Outputs"):
+Paths, relative to the output folder (see docs/outputs.md):
 - measures/<case>.csv                 per-slice table (postprocess/measures.py)
 - qc/<case>.png, or `qc_path`         QC picture; in Grand Challenge's layout `qc_path` is the Thumbnail PNG
                                       socket's relative_path (default muscle-qc.png, at the output root)

@@ -87,8 +87,9 @@ def check_nifti_header(path: Path) -> None:
     """Refuse a .nii/.nii.gz whose header is not NIfTI-1, or whose spacing or transform in use is not finite.
 
     ITK's NIfTI reader hangs (no error, no end) on a header whose sform, in use, holds a NaN (found by the
-    image fuzz target); nothing else in such a file can be trusted either. NIfTI-2 is refused by name:
-    SimpleITK has no reader for it.
+    image fuzz target); nothing else in such a file can be trusted either. A single-file NIfTI whose vox_offset
+    is not a finite number of at least 352 is refused too: ITK reads such a file from another offset, and the
+    voxels come out shifted without an error. NIfTI-2 is refused by name: SimpleITK has no reader for it.
     """
     try:
         with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as stream:
@@ -106,6 +107,10 @@ def check_nifti_header(path: Path) -> None:
             continue  # this transform is not in use
         if not np.isfinite(struct.unpack_from(f"{order}{number_format}", head, at)).all():
             raise InputError(f"{path}: its NIfTI header's {name} holds a non-finite number: refused")
+    vox_offset = struct.unpack_from(f"{order}f", head, 108)[0]
+    if head[344:348] == b"n+1\0" and not (np.isfinite(vox_offset) and vox_offset >= 352):
+        # ITK then reads the voxels from an offset of its own choosing: shifted, finite, wrong (found by fixing a test)
+        raise InputError(f"{path}: its NIfTI header's vox_offset is {vox_offset}, not a position at or after the 352-byte header: refused")
 
 
 def _check_nifti_complete(path: Path, *, inflated_bytes: int | None) -> None:

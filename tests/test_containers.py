@@ -48,6 +48,8 @@ BUILD_TIMEOUT_S = 1500
 RUN_TIMEOUT_S = 300
 IN_CI = os.environ.get("CI") == "true"
 SLUG = "muscle-segmentation"
+DEMO_MEAN_DICE = 0.954  # README.md: the bundled sample against its sparse ground truth
+DEMO_MEAN_DICE_TOLERANCE = 0.001  # README rounds to 3 decimals; measured 0.954242 with OpenVINO (1 and 2 threads), ONNX Runtime and torch alike
 
 
 def _unavailable(reason: str):
@@ -305,4 +307,8 @@ def test_evaluation_scores_what_the_algorithm_image_wrote(docker_client, evaluat
     problems = check_outputs.check_evaluation_output(tmp_path / "out")
     assert not problems, "\n".join(problems) + "\n" + metrics["_log"]
     mean_dice = metrics["aggregates"]["dice"]["overall"]["mean"]
-    assert mean_dice is not None and mean_dice > 0.5, f"the demo model scores a mean Dice of {mean_dice} on its own sample\n{metrics['_log']}"
+    # README.md states 0.954 for this sample (`make demo`). The run is deterministic on one machine; another CPU or
+    # thread count may move a few boundary voxels (OpenVINO's fp32 kernels differ by instruction set), which moves
+    # this 13-slice mean by far less than the tolerance.
+    assert mean_dice == pytest.approx(DEMO_MEAN_DICE, abs=DEMO_MEAN_DICE_TOLERANCE), (
+        f"the demo model scores a mean Dice of {mean_dice} on its own sample, README.md says {DEMO_MEAN_DICE}\n{metrics['_log']}")

@@ -231,7 +231,8 @@ TENSORRT_MAX_OPSET = 17
 
 
 def check_tensorrt_operators(onnx_path: Path) -> list[str]:
-    """Problems (empty when none) that TensorRT's ONNX parser would have with this graph: operators, types, opset, constant weights."""
+    """Problems (empty when none) found by checking this graph against TENSORRT_OPERATORS, our table of what
+    onnx-tensorrt documents as supported (operators, types, opset, constant weights); TensorRT's parser itself is not run."""
     import onnx
 
     model = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_path)))
