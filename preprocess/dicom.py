@@ -144,14 +144,16 @@ def _series_key(header) -> tuple:
     return ("geometry", orientation, spacing, int(header.Rows), int(header.Columns))
 
 
-def _classify(path: Path, header) -> str | None:
-    """"ct" for a usable CT slice, the modality of another object, None for what to skip (a DICOMDIR)."""
+def _classify(path: Path, header) -> tuple[str | None, tuple | None]:
+    """("ct", its series key) for a usable CT slice, (the modality, None) of another object, (None, None) for what
+    to skip (a DICOMDIR). The key is computed here, once: pydicom converts elements lazily, and a malformed one can
+    be gone from the dataset at the second look (found by the dicom fuzz target)."""
     sop_class = str(header.get("SOPClassUID", "") or getattr(header.get("file_meta", None), "MediaStorageSOPClassUID", "") or "")
     if sop_class == _DICOMDIR_CLASS or "DirectoryRecordSequence" in header:
-        return None
+        return None, None
     modality = str(header.get("Modality", "") or "")
     if modality != "CT":
-        return modality or ("unknown" if "SOPClassUID" in header else None)
+        return modality or ("unknown" if "SOPClassUID" in header else None), None
     try:
         frames = int(header.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError):
@@ -161,8 +163,7 @@ def _classify(path: Path, header) -> str | None:
     if "ImagePositionPatient" not in header or "ImageOrientationPatient" not in header:
         raise InputError(f"{path}: CT slice without ImagePositionPatient/ImageOrientationPatient: cannot place it")
     check_slice_header(path, header)
-    _series_key(header)
-    return "ct"
+    return "ct", _series_key(header)
 
 
 def list_ct_slices(source: Path | DicomSeries) -> list[tuple[Path, object]]:
@@ -185,13 +186,13 @@ def list_ct_slices(source: Path | DicomSeries) -> list[tuple[Path, object]]:
         if header is None:
             continue
         try:
-            kind = _classify(path, header)
+            kind, key = _classify(path, header)
         except InputError:
             raise
         except Exception as error:  # pydicom converts elements lazily: a malformed value surfaces here
             raise InputError(f"{path}: malformed DICOM header ({type(error).__name__}: {' '.join(str(error).split())[:160]})") from None
         if kind == "ct":
-            series[_series_key(header)].append((path, header))
+            series[key].append((path, header))
         elif kind is not None:
             other_modalities.add(kind)
     if not series:
