@@ -1,0 +1,107 @@
+"""Per-case records: `results/<case>.json`, written the moment a case's outputs are in place.
+
+A run in the folder layout writes each succeeded case's results.json entry to `results/<case>.json`
+(atomically: a temporary `.partial-<case>.json`, then a rename) right after the case's outputs were
+renamed into place, so the record exists only when every output of the case does. The run's
+results.json is gathered from these entries at its end; a run that is killed keeps its records.
+
+A resumed run (`--skip-existing`) takes a case as done when its record is there, names that case, says
+"succeeded", and every file it lists is present; anything else (no record, an unreadable one, a file it
+lists is gone) is redone from the start, and the files a killed run left half-written (`.partial-*`)
+are removed first. A failed case has no record: a re-run tries it again. One process per output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from preprocess.errors import OutputError
+
+RECORDS = "results"
+
+
+def record_path(output_dir: Path, case_id: str) -> Path:
+    return Path(output_dir) / RECORDS / f"{case_id}.json"
+
+
+def output_paths(record: dict) -> list[str]:
+    """The case's files named by its record, relative to the output folder: the mask, then each report (a path, or a dict with one)."""
+    paths = [record["output"]] if isinstance(record.get("output"), str) else []
+    for value in (record.get("outputs") or {}).values():
+        if isinstance(value, str):
+            paths.append(value)
+        elif isinstance(value, dict) and isinstance(value.get("path"), str):
+            paths.append(value["path"])
+    return paths
+
+
+def write_json_atomically(data: dict, path: Path) -> None:
+    """`path` holds the whole of `data` or what it held before: a temporary file beside it, then a rename."""
+    temp = path.with_name(f".partial-{path.name}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(temp, "w", encoding="utf-8") as stream:
+            stream.write(json.dumps(data, indent=2, allow_nan=False) + "\n")
+            stream.flush()
+            os.fsync(stream.fileno())  # on the disk before the rename makes it count (a node that loses power keeps no empty record)
+        os.replace(temp, path)
+    except OSError as error:
+        temp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write ({error.strerror})") from None
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def write_record(output_dir: Path, record: dict) -> Path:
+    path = record_path(output_dir, record["case_id"])
+    write_json_atomically(record, path)
+    return path
+
+
+def forget_record(output_dir: Path, case_id: str) -> None:
+    """Before a case is (re)done: an older record of it must not outlive a failure of this attempt."""
+    try:
+        record_path(output_dir, case_id).unlink(missing_ok=True)
+    except OSError as error:
+        raise OutputError(f"{record_path(output_dir, case_id)}: cannot remove ({error.strerror})") from None
+
+
+def complete_record(output_dir: Path, case_id: str) -> dict | None:
+    """The case's record when the case is complete in `output_dir` (module docstring), else None."""
+    path = record_path(output_dir, case_id)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # unreadable: the case is redone and the record rewritten
+    if not isinstance(record, dict) or record.get("case_id") != case_id or record.get("status") != "succeeded":
+        return None
+    files = output_paths(record)
+    if not files or not all((Path(output_dir) / p).is_file() for p in files):
+        return None
+    return record
+
+
+def complete_records(output_dir: Path, case_ids: Iterable[str]) -> dict[str, dict]:
+    """{case id: record} of the given cases that are complete in `output_dir`."""
+    found = {case_id: complete_record(output_dir, case_id) for case_id in case_ids}
+    return {case_id: record for case_id, record in found.items() if record is not None}
+
+
+def remove_partial_files(output_dir: Path) -> int:
+    """Remove the `.partial-*` files a killed run left anywhere under `output_dir`; how many there were."""
+    removed = 0
+    for folder, _, files in os.walk(output_dir):
+        for name in files:
+            if name.startswith(".partial-"):
+                try:
+                    (Path(folder) / name).unlink(missing_ok=True)
+                except OSError as error:
+                    raise OutputError(f"{Path(folder) / name}: cannot remove a half-written file ({error.strerror})") from None
+                removed += 1
+    return removed
