@@ -2,6 +2,7 @@
 
     python process.py                          # Grand Challenge: read /input, write /output
     python process.py --input DIR --output DIR # any folder: GC layout, or one case per CT file / DICOM folder
+    python process.py --input DIR --output DIR/shard-0 --shard 0/4   # a quarter of a folder (docs/clusters.md)
 
 Writes <output>/images/<output-slug>/<case>.mha (uint8 labels on the input grid, labels in
 model/labels.json), the case's measures (measures/<case>.csv), QC picture (qc/<case>.png; in Grand
@@ -16,7 +17,6 @@ error the run stops: the output cannot take more).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -33,13 +33,16 @@ from model.segment import SegmentStats
 from postprocess import __version__ as POSTPROCESS_VERSION
 from postprocess.dicom_seg import SEGMENTATION_TYPES
 from postprocess.outputs import StagedOutputs, check_output_writable, list_files, remove_new_files
+from postprocess.progress import Progress
+from postprocess.records import complete_records, forget_record, remove_partial_files, write_json_atomically, write_record
 from postprocess.report import ReportOptions, load_vertebrae, write_case_report
-from preprocess.errors import LimitError, OutputError, TerminatedError, TrunkSegError
+from preprocess.errors import LimitError, OutputError, TerminatedError, TrunkSegError, UsageError
 from preprocess.geometry import Reorientation
 from preprocess.inputs import Case, find_cases, vertebrae_maps
 from preprocess.io import read_ct, write_label_map
-from preprocess.limits import DEFAULT_CASE_TIME_LIMIT_S, CaseTimer, memory_budget
+from preprocess.limits import DEFAULT_CASE_TIME_LIMIT_S, CaseTimer, granted_cpus, memory_budget
 from preprocess.readahead import ReadAhead
+from preprocess.shards import choose_shard, select_cases
 from preprocess.vertebrae import SCHEMES
 
 REPO = Path(__file__).resolve().parent
@@ -138,20 +141,6 @@ def run_case(case: Case, *, package: ModelPackage, runtime, choice: RuntimeChoic
     }
 
 
-def write_json_atomically(data: dict, path: Path) -> None:
-    temp = path.with_name(f".partial-{path.name}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
-        os.replace(temp, path)
-    except OSError as error:
-        temp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write ({error.strerror})") from None
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
 def describe_failure(error: BaseException, case: Case) -> tuple[str, int]:
     """One line and an exit code for a case that failed."""
     if isinstance(error, TrunkSegError):
@@ -188,14 +177,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "or binary (read by every SEG viewer; about 0.7 MB per slice for 22 muscles)")
     parser.add_argument("--no-dicom-seg", action="store_true", help="no DICOM-SEG for DICOM input (when its headers do not allow one)")
     parser.add_argument("--batch-size", type=int, default=None, help="tiles per network call (default 4 on the CPU, 16 on a GPU)")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads for the runtime")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for the runtime (default: the CPUs the scheduler grants: cpuset, cgroup quota, SLURM_CPUS_PER_TASK)")
     parser.add_argument("--memory-limit-gb", type=float, default=_env_float("TRUNKSEG_MEMORY_LIMIT_GB"),
                         help="refuse, from its header, a case whose estimated peak memory exceeds this (GiB; default: the "
                              "container's memory limit, else physical memory; $TRUNKSEG_MEMORY_LIMIT_GB)")
     parser.add_argument("--time-limit-s", type=float, default=_env_float("TRUNKSEG_TIME_LIMIT_S", DEFAULT_CASE_TIME_LIMIT_S),
                         help=f"stop a case after this many seconds, 0 for none (default {DEFAULT_CASE_TIME_LIMIT_S}: Grand Challenge's "
                              f"default job limit of 3600 s less 5 min; $TRUNKSEG_TIME_LIMIT_S)")
+    parser.add_argument("--shard", default=None, metavar="I/N",
+                        help="do shard I of N (0 <= I < N) of the folder's cases, assigned by case id (docs/clusters.md); default: "
+                             "from SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT or JOB_COMPLETION_INDEX with --shard-count")
+    parser.add_argument("--shard-count", type=int, default=_env_int("TRUNKSEG_SHARD_COUNT"),
+                        help="number of shards when the index comes from JOB_COMPLETION_INDEX ($TRUNKSEG_SHARD_COUNT)")
+    parser.add_argument("--skip-existing", action=argparse.BooleanOptionalAction, default=None,
+                        help="skip cases whose outputs are complete in --output (results/<case>.json), redo half-written ones "
+                             "(default: on for a shard, off otherwise)")
     args = parser.parse_args(argv)
+    grant = granted_cpus() if args.threads is None else None
+    args.threads, args.threads_origin = (grant.count, grant.origin) if grant else (args.threads, "--threads")
     if (args.batch_size is not None and args.batch_size < 1) or args.threads < 1:
         parser.error("--batch-size and --threads must be >= 1")
     if (args.memory_limit_gb is not None and not args.memory_limit_gb > 0) or not args.time_limit_s >= 0:
@@ -214,6 +214,13 @@ def _env_float(name: str, default: float | None = None) -> float | None:
         return float(text)
     except ValueError:
         raise SystemExit(f"error: ${name}={text!r} is not a number") from None
+
+
+def _env_int(name: str) -> int | None:
+    value = _env_float(name)
+    if value is not None and value != int(value):
+        raise SystemExit(f"error: ${name}={os.environ[name]!r} is not a whole number")
+    return None if value is None else int(value)
 
 
 def stop_on_sigterm(signum, frame):
@@ -247,6 +254,12 @@ def run(args: argparse.Namespace) -> int:
     """Every case of the run, results.json, and the exit code."""
     try:
         cases = find_cases(args.input, slug=args.input_slug, vertebrae_slug=args.vertebrae_slug)
+        shard = choose_shard(args.shard, count=args.shard_count, environ=os.environ)
+        if shard is not None and cases.layout == "grand-challenge":
+            raise UsageError(f"shard {shard.label} ({shard.assigned_by}): Grand Challenge's layout is one case per job, it is not sharded")
+        work = select_cases(cases.cases, shard)
+        records = cases.layout == "folder"  # results/<case>.json; Grand Challenge's one case per job keeps its output as it was
+        skip_existing = records and (args.skip_existing if args.skip_existing is not None else shard is not None)
         vertebrae = vertebrae_maps(args.vertebrae, cases.cases)
         report = ReportOptions(vertebra_scheme=args.vertebra_labels, nifti=args.nifti, dicom_seg=not args.no_dicom_seg, dicom_seg_type=args.dicom_seg_type,
                                qc_path=args.qc_path if cases.layout == "grand-challenge" else None)
@@ -256,11 +269,23 @@ def run(args: argparse.Namespace) -> int:
         choice = choose_runtime(args.runtime)
         precision = precision_for(args.precision, choice.name, package.card)
         log(f"model {package.card.identity} from {package.folder}; runtime {choice.name} ({choice.reason}); precision {precision.name} "
-            f"({precision.reason}); {len(cases.cases)} case(s), {cases.layout} layout")
+            f"({precision.reason}); {args.threads} thread(s) ({args.threads_origin}); {len(cases.cases)} case(s), {cases.layout} layout"
+            + (f"; shard {shard.label} ({shard.assigned_by}) takes {len(work)} of them" if shard else ""))
         results = {"model": {"identity": package.card.identity, "folder": str(package.folder), "description": package.card.description},
                    "runtime": {"name": choice.name, "reason": choice.reason, "precision": precision.name,
                                "precision_reason": precision.reason, "precision_verified": precision.verified},
                    "output_slug": args.output_slug, "cases": []}
+        if shard is not None:  # what postprocess/merge.py needs to join the shards
+            results["shard"] = {"index": shard.index, "count": shard.count, "assigned_by": shard.assigned_by,
+                                "cases_in_run": [c.case_id for c in cases.cases]}
+        done_before = complete_records(args.output, [c.case_id for c in work]) if skip_existing else {}
+        if skip_existing:
+            left = remove_partial_files(args.output)
+            log(f"--skip-existing: {len(done_before)} of {len(work)} case(s) already complete in {args.output}"
+                + (f"; removed {left} half-written file(s) of an earlier run" if left else ""))
+        pending = [c for c in work if c.case_id not in done_before]
+        next_of = {c.case_id: n for c, n in zip(pending, [*pending[1:], None])}
+        progress = Progress(len(work), log=log)
         exit_code = 0
         with ReadAhead(budget=budget, read=read_ct) as reader, start_runtime(choice, package, open_runtime=lambda c, p: open_runtime(c, package, threads=args.threads, precision=p),
                            choose_precision=lambda name: precision_for(args.precision, name, package.card), log=log) as started:
@@ -268,7 +293,12 @@ def run(args: argparse.Namespace) -> int:
             if started.failures:  # results.json records what runs, and what failed before it
                 results["runtime"].update(name=choice.name, reason=choice.reason, precision=precision.name, precision_reason=precision.reason,
                                           precision_verified=precision.verified, failed_to_start=list(started.failures))
-            for index, case in enumerate(cases.cases):
+            for case in work:
+                if case.case_id in done_before:
+                    results["cases"].append(done_before[case.case_id])
+                    progress.case_ended(case.case_id, seconds=0.0, outcome="skipped")
+                    continue
+                case_started = time.perf_counter()
                 before = list_files(args.output)
 
                 def on_hard_timeout(message: str, case: Case = case, before: set[Path] = before) -> None:
@@ -278,20 +308,26 @@ def run(args: argparse.Namespace) -> int:
                     write_json_atomically(results, args.output / "results.json")
 
                 try:
+                    if records:
+                        forget_record(args.output, case.case_id)
                     with CaseTimer(args.time_limit_s, case=str(case.source), on_hard_timeout=on_hard_timeout):
                         entry = run_case(case, package=package, runtime=runtime, choice=choice, output_dir=args.output,
                                          slug=args.output_slug, batch_size=args.batch_size, reader=reader,
-                                         next_case=cases.cases[index + 1] if index + 1 < len(cases.cases) else None, report=report,
-                                         vertebrae=vertebrae.get(case.case_id))
+                                         next_case=next_of[case.case_id], report=report, vertebrae=vertebrae.get(case.case_id))
+                    if records:  # last: a record means every output of the case is in place (postprocess/records.py)
+                        write_record(args.output, entry)
                     results["cases"].append(entry)  # only once the timer is disarmed: a late alarm discards the case whole
+                    progress.case_ended(case.case_id, seconds=time.perf_counter() - case_started)
                 except Exception as error:  # one case's failure, whatever it is, must not stop the others
                     remove_new_files(args.output, before)
                     message, code = describe_failure(error, case)
                     log(f"error: {message}")
                     results["cases"].append({"case_id": case.case_id, "status": "failed", "input": str(case.source), "error": message})
                     exit_code = exit_code or code
+                    progress.case_ended(case.case_id, seconds=time.perf_counter() - case_started, outcome="failed")
                     if isinstance(error, (OutputError, TerminatedError)):
                         break  # the output takes no more (every later case would fail the same way), or we were told to stop
+            progress.close()
         try:
             write_json_atomically(results, args.output / "results.json")
         except OutputError as error:
