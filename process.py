@@ -34,13 +34,13 @@ from postprocess import __version__ as POSTPROCESS_VERSION
 from postprocess.dicom_seg import SEGMENTATION_TYPES
 from postprocess.outputs import StagedOutputs, check_output_writable, list_files, remove_new_files
 from postprocess.progress import Progress
-from postprocess.records import complete_records, forget_record, remove_partial_files, write_json_atomically, write_record
+from postprocess.records import find_complete_records, forget_record, remove_partial_files, write_json_atomically, write_record
 from postprocess.report import ReportOptions, load_vertebrae, write_case_report
 from preprocess.errors import LimitError, OutputError, TerminatedError, TrunkSegError, UsageError
 from preprocess.geometry import Reorientation
 from preprocess.inputs import Case, find_cases, vertebrae_maps
 from preprocess.io import read_ct, write_label_map
-from preprocess.limits import DEFAULT_CASE_TIME_LIMIT_S, CaseTimer, granted_cpus, memory_budget
+from preprocess.limits import DEFAULT_CASE_TIME_LIMIT_S, CaseTimer, detect_granted_cpus, memory_budget
 from preprocess.readahead import ReadAhead
 from preprocess.shards import choose_shard, select_cases
 from preprocess.vertebrae import SCHEMES
@@ -194,7 +194,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="skip cases whose outputs are complete in --output (results/<case>.json), redo half-written ones "
                              "(default: on for a shard, off otherwise)")
     args = parser.parse_args(argv)
-    grant = granted_cpus() if args.threads is None else None
+    grant = detect_granted_cpus() if args.threads is None else None
     args.threads, args.threads_origin = (grant.count, grant.origin) if grant else (args.threads, "--threads")
     if (args.batch_size is not None and args.batch_size < 1) or args.threads < 1:
         parser.error("--batch-size and --threads must be >= 1")
@@ -278,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
         if shard is not None:  # what postprocess/merge.py needs to join the shards
             results["shard"] = {"index": shard.index, "count": shard.count, "assigned_by": shard.assigned_by,
                                 "cases_in_run": [c.case_id for c in cases.cases]}
-        done_before = complete_records(args.output, [c.case_id for c in work]) if skip_existing else {}
+        done_before = find_complete_records(args.output, [c.case_id for c in work]) if skip_existing else {}
         if skip_existing:
             left = remove_partial_files(args.output)
             log(f"--skip-existing: {len(done_before)} of {len(work)} case(s) already complete in {args.output}"

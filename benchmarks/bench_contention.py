@@ -12,7 +12,7 @@ each 20 ms (about 1.5 cores in all), like another job on the same node.
 
 baseline: threads = every CPU the process may run on (process.py's old --threads default), OpenVINO's
 own defaults for pinning. candidate: what process.py and model/runtime.py do now (threads = the CPUs the
-scheduler grants, preprocess/limits.py granted_cpus; OpenVINO threads not pinned). The OpenVINO columns
+scheduler grants, preprocess/limits.py detect_granted_cpus; OpenVINO threads not pinned). The OpenVINO columns
 say what the compiled model reports it does (ENABLE_CPU_PINNING, INFERENCE_NUM_THREADS, NUM_STREAMS).
 """
 

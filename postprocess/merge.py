@@ -26,9 +26,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from postprocess.records import RECORDS, output_paths, write_json_atomically
+from postprocess.records import RECORDS, list_output_paths, write_json_atomically
 from preprocess.errors import InputError, OutputError, TrunkSegError, UsageError
-from preprocess.shards import shard_of
+from preprocess.shards import assign_shard
 
 
 def log(message: str) -> None:
@@ -71,7 +71,7 @@ def check_shards(runs: dict[Path, dict]) -> None:
             if results.get(key) != first.get(key):
                 raise UsageError(f"{folder}: {key} {results.get(key)!r} differs from {first_folder}'s {first.get(key)!r}")
         ids = [c.get("case_id") for c in results["cases"]]
-        expected = [c for c in cases_in_run if shard_of(c, count) == shard["index"]] if count > 1 else cases_in_run
+        expected = [c for c in cases_in_run if assign_shard(c, count) == shard["index"]] if count > 1 else cases_in_run
         if ids != expected:
             missing, extra = sorted(set(expected) - set(ids)), sorted(set(ids) - set(expected))
             if missing and not extra and [c for c in expected if c in set(ids)] == ids:  # stopped early (SIGTERM, a full disk)
@@ -128,7 +128,7 @@ def merge_shards(folders: list[Path], output: Path) -> dict:
     for case_id in first["shard"]["cases_in_run"]:
         folder, case = by_case[case_id]
         if case.get("status") == "succeeded":
-            for relative in [*output_paths(case), f"{RECORDS}/{case_id}.json"]:
+            for relative in [*list_output_paths(case), f"{RECORDS}/{case_id}.json"]:
                 place_file(folder / relative, output / relative)
         merged["cases"].append(case)
     write_json_atomically(merged, output / "results.json")

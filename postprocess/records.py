@@ -23,11 +23,11 @@ from preprocess.errors import OutputError
 RECORDS = "results"
 
 
-def record_path(output_dir: Path, case_id: str) -> Path:
+def path_of_record(output_dir: Path, case_id: str) -> Path:
     return Path(output_dir) / RECORDS / f"{case_id}.json"
 
 
-def output_paths(record: dict) -> list[str]:
+def list_output_paths(record: dict) -> list[str]:
     """The case's files named by its record, relative to the output folder: the mask, then each report (a path, or a dict with one)."""
     paths = [record["output"]] if isinstance(record.get("output"), str) else []
     for value in (record.get("outputs") or {}).values():
@@ -57,7 +57,7 @@ def write_json_atomically(data: dict, path: Path) -> None:
 
 
 def write_record(output_dir: Path, record: dict) -> Path:
-    path = record_path(output_dir, record["case_id"])
+    path = path_of_record(output_dir, record["case_id"])
     write_json_atomically(record, path)
     return path
 
@@ -65,14 +65,14 @@ def write_record(output_dir: Path, record: dict) -> Path:
 def forget_record(output_dir: Path, case_id: str) -> None:
     """Before a case is (re)done: an older record of it must not outlive a failure of this attempt."""
     try:
-        record_path(output_dir, case_id).unlink(missing_ok=True)
+        path_of_record(output_dir, case_id).unlink(missing_ok=True)
     except OSError as error:
-        raise OutputError(f"{record_path(output_dir, case_id)}: cannot remove ({error.strerror})") from None
+        raise OutputError(f"{path_of_record(output_dir, case_id)}: cannot remove ({error.strerror})") from None
 
 
-def complete_record(output_dir: Path, case_id: str) -> dict | None:
+def find_complete_record(output_dir: Path, case_id: str) -> dict | None:
     """The case's record when the case is complete in `output_dir` (module docstring), else None."""
-    path = record_path(output_dir, case_id)
+    path = path_of_record(output_dir, case_id)
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -81,15 +81,15 @@ def complete_record(output_dir: Path, case_id: str) -> dict | None:
         return None  # unreadable: the case is redone and the record rewritten
     if not isinstance(record, dict) or record.get("case_id") != case_id or record.get("status") != "succeeded":
         return None
-    files = output_paths(record)
+    files = list_output_paths(record)
     if not files or not all((Path(output_dir) / p).is_file() for p in files):
         return None
     return record
 
 
-def complete_records(output_dir: Path, case_ids: Iterable[str]) -> dict[str, dict]:
+def find_complete_records(output_dir: Path, case_ids: Iterable[str]) -> dict[str, dict]:
     """{case id: record} of the given cases that are complete in `output_dir`."""
-    found = {case_id: complete_record(output_dir, case_id) for case_id in case_ids}
+    found = {case_id: find_complete_record(output_dir, case_id) for case_id in case_ids}
     return {case_id: record for case_id, record in found.items() if record is not None}
 
 

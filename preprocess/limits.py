@@ -145,7 +145,7 @@ class CpuGrant:
     origin: str
 
 
-def _cgroup_quota_cpus(cgroup_root: Path, proc_cgroup: str) -> tuple[float, Path] | None:
+def _read_cgroup_quota(cgroup_root: Path, proc_cgroup: str) -> tuple[float, Path] | None:
     """The tightest CPU quota (cores, and its cpu.max / cpu.cfs_quota_us file) on this process's cgroup path, v2 or v1."""
     tightest = None
     for line in proc_cgroup.splitlines():
@@ -183,7 +183,7 @@ def _read_quota(folder: Path) -> tuple[float, Path] | None:
     return (quota / period, folder / "cpu.cfs_quota_us") if quota > 0 and period > 0 else None
 
 
-def granted_cpus(environ=os.environ, *, cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: str | None = None) -> CpuGrant:
+def detect_granted_cpus(environ=os.environ, *, cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: str | None = None) -> CpuGrant:
     """The CPUs this process may use, never more than any of: the CPUs it may run on (cpuset: sched_getaffinity;
     Slurm's task/affinity and Docker's --cpuset-cpus set it), the cgroup CPU quota rounded down, at least 1
     (Docker's --cpus, Kubernetes' CPU limit, Slurm's cgroup plugin), and SLURM_CPUS_PER_TASK (Slurm without
@@ -195,7 +195,7 @@ def granted_cpus(environ=os.environ, *, cgroup_root: Path = Path("/sys/fs/cgroup
             proc_cgroup = Path("/proc/self/cgroup").read_text()
         except OSError:
             proc_cgroup = ""
-    quota = _cgroup_quota_cpus(cgroup_root, proc_cgroup)
+    quota = _read_cgroup_quota(cgroup_root, proc_cgroup)
     if quota is not None:
         candidates.append((max(1, int(quota[0] + 1e-9)), f"the cgroup CPU quota of {quota[0]:g} cores ({quota[1]})"))
     text = environ.get("SLURM_CPUS_PER_TASK", "").strip()

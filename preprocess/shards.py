@@ -42,10 +42,10 @@ class Shard:
         return f"{self.index}/{self.count}"
 
     def takes(self, case_id: str) -> bool:
-        return shard_of(case_id, self.count) == self.index
+        return assign_shard(case_id, self.count) == self.index
 
 
-def shard_of(case_id: str, count: int) -> int:
+def assign_shard(case_id: str, count: int) -> int:
     """The shard (0 .. count-1) that a case belongs to; depends on the case id alone."""
     digest = hashlib.sha256(case_id.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % count

@@ -1,4 +1,4 @@
-"""The CPUs a process is granted (preprocess/limits.py granted_cpus), and the OpenVINO settings that use them."""
+"""The CPUs a process is granted (preprocess/limits.py detect_granted_cpus), and the OpenVINO settings that use them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from preprocess.limits import granted_cpus
+from preprocess.limits import detect_granted_cpus
 from tests.conftest import DEMO_MODEL, REPO
 
 AFFINITY = len(os.sched_getaffinity(0))
@@ -24,20 +24,20 @@ def _cgroup_v2(root: Path, path: str, quotas: dict[str, str]) -> str:
 
 
 def test_without_limits_the_grant_is_every_cpu_the_process_may_run_on(tmp_path):
-    grant = granted_cpus({}, cgroup_root=tmp_path, proc_cgroup=_cgroup_v2(tmp_path, "/", {".": "max 100000"}))
+    grant = detect_granted_cpus({}, cgroup_root=tmp_path, proc_cgroup=_cgroup_v2(tmp_path, "/", {".": "max 100000"}))
     assert grant.count == AFFINITY and "sched_getaffinity" in grant.origin
 
 
 @pytest.mark.skipif(AFFINITY < 2, reason="needs 2 CPUs to see a quota below them")
 def test_a_container_quota_of_one_and_a_half_cores_grants_one_thread(tmp_path):  # docker --cpus 1.5, a Kubernetes limit of 1500m
-    grant = granted_cpus({}, cgroup_root=tmp_path, proc_cgroup=_cgroup_v2(tmp_path, "/", {".": "150000 100000"}))
+    grant = detect_granted_cpus({}, cgroup_root=tmp_path, proc_cgroup=_cgroup_v2(tmp_path, "/", {".": "150000 100000"}))
     assert grant.count == 1 and "1.5 cores" in grant.origin and str(tmp_path / "cpu.max") in grant.origin
 
 
 @pytest.mark.skipif(AFFINITY < 2, reason="needs 2 CPUs to see a quota below them")
 def test_the_tightest_quota_on_the_cgroup_path_counts_a_parents_too(tmp_path):  # a Slurm job's cgroup under its step's
     text = _cgroup_v2(tmp_path, "/slurm/job_7/step_0", {"slurm": "max 100000", "slurm/job_7": "100000 100000", "slurm/job_7/step_0": "max 100000"})
-    grant = granted_cpus({}, cgroup_root=tmp_path, proc_cgroup=text)
+    grant = detect_granted_cpus({}, cgroup_root=tmp_path, proc_cgroup=text)
     assert grant.count == 1 and "job_7" in grant.origin
 
 
@@ -46,20 +46,20 @@ def test_cgroup_v1_cfs_quota_is_read_too(tmp_path):
     (tmp_path / "cpu,cpuacct" / "docker" / "abc").mkdir(parents=True)
     (tmp_path / "cpu,cpuacct" / "docker" / "abc" / "cpu.cfs_quota_us").write_text("100000\n")
     (tmp_path / "cpu,cpuacct" / "docker" / "abc" / "cpu.cfs_period_us").write_text("100000\n")
-    grant = granted_cpus({}, cgroup_root=tmp_path, proc_cgroup="4:cpu,cpuacct:/docker/abc\n3:memory:/docker/abc\n")
+    grant = detect_granted_cpus({}, cgroup_root=tmp_path, proc_cgroup="4:cpu,cpuacct:/docker/abc\n3:memory:/docker/abc\n")
     assert grant.count == 1 and "cpu.cfs_quota_us" in grant.origin
 
 
 def test_a_quota_below_one_core_still_grants_one_thread(tmp_path):
-    grant = granted_cpus({}, cgroup_root=tmp_path, proc_cgroup=_cgroup_v2(tmp_path, "/", {".": "20000 100000"}))
+    grant = detect_granted_cpus({}, cgroup_root=tmp_path, proc_cgroup=_cgroup_v2(tmp_path, "/", {".": "20000 100000"}))
     assert grant.count == 1
 
 
 @pytest.mark.skipif(AFFINITY < 2, reason="needs 2 CPUs to see a Slurm grant below them")
 def test_slurm_cpus_per_task_caps_the_grant_where_slurm_enforces_nothing(tmp_path):
-    grant = granted_cpus({"SLURM_CPUS_PER_TASK": "1"}, cgroup_root=tmp_path, proc_cgroup="")
+    grant = detect_granted_cpus({"SLURM_CPUS_PER_TASK": "1"}, cgroup_root=tmp_path, proc_cgroup="")
     assert grant.count == 1 and grant.origin == "SLURM_CPUS_PER_TASK=1"
-    assert granted_cpus({"SLURM_CPUS_PER_TASK": str(AFFINITY + 8)}, cgroup_root=tmp_path, proc_cgroup="").count == AFFINITY
+    assert detect_granted_cpus({"SLURM_CPUS_PER_TASK": str(AFFINITY + 8)}, cgroup_root=tmp_path, proc_cgroup="").count == AFFINITY
 
 
 @pytest.mark.skipif(AFFINITY < 2, reason="needs 2 CPUs to restrict the affinity to fewer")

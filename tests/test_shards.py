@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from preprocess.errors import UsageError
-from preprocess.shards import Shard, choose_shard, parse_shard, select_cases, shard_of
+from preprocess.shards import Shard, choose_shard, parse_shard, select_cases, assign_shard
 
 
 @dataclass(frozen=True)
@@ -42,12 +42,12 @@ def test_the_assignment_is_the_documented_hash_so_any_tool_can_reproduce_it():
     # the docs' recipe, written out independently: first 8 bytes of sha256(id), big-endian, mod N
     for case_id in ("case-00", "ÄÖ/ü", "x" * 300):
         digest = hashlib.sha256(case_id.encode("utf-8")).hexdigest()
-        assert shard_of(case_id, 4) == int(digest[:16], 16) % 4
-    assert [shard_of(f"case-{i:02d}", 4) for i in range(8)] == [2, 3, 3, 1, 2, 0, 0, 2]  # computed with sha256sum in a shell
+        assert assign_shard(case_id, 4) == int(digest[:16], 16) % 4
+    assert [assign_shard(f"case-{i:02d}", 4) for i in range(8)] == [2, 3, 3, 1, 2, 0, 0, 2]  # computed with sha256sum in a shell
 
 
 def test_shards_are_even_for_many_cases():
-    counts = np.bincount([shard_of(c, 8) for c in _ids(8000, seed=3)], minlength=8)
+    counts = np.bincount([assign_shard(c, 8) for c in _ids(8000, seed=3)], minlength=8)
     assert counts.min() > 0.9 * 1000 and counts.max() < 1.1 * 1000, counts
 
 
