@@ -53,12 +53,12 @@ def read_shard_results(folder: Path) -> dict:
     return results
 
 
-def check_shards(runs: dict[Path, dict]) -> None:
+def check_shards(runs: list[tuple[Path, dict]]) -> None:
     """The folders are the N shards of one run, each once, each holding exactly its own cases."""
-    first_folder, first = next(iter(runs.items()))
+    first_folder, first = runs[0]
     count, cases_in_run = first["shard"]["count"], first["shard"]["cases_in_run"]
     seen: dict[int, Path] = {}
-    for folder, results in runs.items():
+    for folder, results in runs:
         shard = results["shard"]
         if shard["count"] != count:
             raise UsageError(f"{folder}: shard {shard['index']}/{shard['count']}, but {first_folder} is one of {count} shards")
@@ -113,15 +113,15 @@ def merge_shards(folders: list[Path], output: Path) -> dict:
     for folder in folders:
         if output.resolve() == Path(folder).resolve():
             raise UsageError(f"--output {output} is one of the shard folders: give a new folder")
-    runs = {Path(folder): read_shard_results(folder) for folder in folders}
+    runs = [(Path(folder), read_shard_results(folder)) for folder in folders]
     check_shards(runs)
     by_case = {}
-    for folder, results in runs.items():
+    for folder, results in runs:
         for case in results["cases"]:
             by_case[case["case_id"]] = (folder, case)
-    first = next(iter(runs.values()))
+    first = runs[0][1]
     merged = {key: value for key, value in first.items() if key not in ("shard", "cases")}
-    runtimes = {results["shard"]["index"]: results.get("runtime") for results in runs.values()}
+    runtimes = {results["shard"]["index"]: results.get("runtime") for _, results in runs}
     if len({json.dumps(r, sort_keys=True) for r in runtimes.values()}) > 1:
         merged["runtime_by_shard"] = {str(index): runtimes[index] for index in sorted(runtimes)}
     merged["cases"] = []
