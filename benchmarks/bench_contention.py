@@ -37,12 +37,15 @@ DEMO_CT = REPO / "samples" / "demo" / "ct" / "phantom-demo.mha"
 IMAGE = "trunkseg-algorithm:cpu"
 LOAD_CODE = """
 import os, sys, time
-share = float(sys.argv[1])
+share, pinned = float(sys.argv[1]), sys.argv[2] == "pinned"
 full, part = int(share), share - int(share)
+cpus = sorted(os.sched_getaffinity(0))
 children = []
 for i in range(full + (1 if part > 0 else 0)):
     pid = os.fork()
     if pid == 0:
+        if pinned:  # like another job whose runtime pins its threads: it cannot make room by moving
+            os.sched_setaffinity(0, {cpus[i % len(cpus)]})
         duty = 1.0 if i < full else part
         while True:
             start = time.perf_counter()
@@ -114,12 +117,12 @@ def write_ct(folder: Path, slices: int) -> Path:
     return folder
 
 
-def run_once(where: str, runtime: str, settings: str, ct_dir: Path, image: str) -> dict:
+def run_once(where: str, runtime: str, settings: str, ct_dir: Path, image: str, docker_cpus: str | None = None) -> dict:
     worker_args = ["--worker", "--runtime", runtime, "--settings", settings]
     if where == "host":
         command = [sys.executable, str(Path(__file__).resolve()), *worker_args, "--app", str(REPO), "--ct", str(ct_dir)]
     else:
-        command = ["docker", "run", "--rm", "--network", "none", "--tmpfs", "/tmp", "-v", f"{Path(__file__).resolve().parent}:/bench:ro",
+        command = ["docker", "run", "--rm", "--network", "none", "--tmpfs", "/tmp", *(["--cpus", docker_cpus] if docker_cpus else []), "-v", f"{Path(__file__).resolve().parent}:/bench:ro",
                    "-v", f"{ct_dir}:/ct:ro", "--entrypoint", "/opt/venv/bin/python", image, "/bench/bench_contention.py", *worker_args,
                    "--app", "/opt/app", "--ct", "/ct"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800, cwd=REPO)
@@ -129,11 +132,11 @@ def run_once(where: str, runtime: str, settings: str, ct_dir: Path, image: str) 
 
 
 @contextlib.contextmanager
-def competing_load(cores: float):
+def competing_load(cores: float, kind: str):
     if cores <= 0:
         yield
         return
-    load = subprocess.Popen([sys.executable, "-c", LOAD_CODE, str(cores)], start_new_session=True)
+    load = subprocess.Popen([sys.executable, "-c", LOAD_CODE, str(cores), kind], start_new_session=True)
     time.sleep(1.0)
     try:
         yield
@@ -152,29 +155,35 @@ def main() -> None:
     parser.add_argument("--runtimes", nargs="+", default=["openvino", "onnxruntime"])
     parser.add_argument("--slices", type=int, default=24, help="first slices of the demo CT (default 24)")
     parser.add_argument("--load-cores", type=float, default=1.5, help="cores the competing load keeps busy (default 1.5)")
+    parser.add_argument("--load-kind", choices=("floating", "pinned"), default="floating",
+                        help="floating: the load's processes go where the kernel puts them; pinned: each is pinned to one core")
+    parser.add_argument("--no-idle", action="store_true", help="only the rows under load")
     parser.add_argument("--image", default=IMAGE)
     parser.add_argument("--no-image", action="store_true", help="host rows only")
+    parser.add_argument("--no-host", action="store_true", help="image rows only")
+    parser.add_argument("--docker-cpus", default=None, help="run the image with docker run --cpus (a cgroup CPU quota, as a Kubernetes CPU limit sets)")
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
-    places = ["host"] if args.no_image else ["host", "image"]
+    places = [p for p, off in (("host", args.no_host), ("image", args.no_image)) if not off]
     with tempfile.TemporaryDirectory() as temp:
         ct_dir = write_ct(Path(temp) / "ct", args.slices)
         Path(temp).chmod(0o755)
         print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; "
-              f"demo CT, first {args.slices} slices; competing load {args.load_cores:g} cores", flush=True)
+              f"demo CT, first {args.slices} slices; competing load {args.load_cores:g} cores, {args.load_kind}", flush=True)
         print("| where | load | runtime | settings | precision | threads | OpenVINO pinning / threads / streams | ms/slice |")
         print("|---|---|---|---|---|---|---|---:|")
-        for load in (0.0, args.load_cores):
-            with competing_load(load):
+        for load in ((args.load_cores,) if args.no_idle else (0.0, args.load_cores)):
+            with competing_load(load, args.load_kind):
                 for where in places:
                     for runtime in args.runtimes:
                         for settings in ("baseline", "candidate"):
-                            row = run_once(where, runtime, settings, ct_dir, args.image)
+                            row = run_once(where, runtime, settings, ct_dir, args.image, args.docker_cpus)
                             ov = row["openvino"]
                             ov_text = " / ".join(ov.get(k, "") for k in ("ENABLE_CPU_PINNING", "INFERENCE_NUM_THREADS", "NUM_STREAMS")) if ov else "-"
-                            print(f"| {where} | {'idle' if not load else f'{load:g} cores busy'} | {runtime} | {settings} | {row['precision']} | "
+                            place = f"image --cpus {args.docker_cpus}" if where == "image" and args.docker_cpus else where
+                            print(f"| {place} | {'idle' if not load else f'{load:g} cores busy ({args.load_kind})'} | {runtime} | {settings} | {row['precision']} | "
                                   f"{row['threads']} | {ov_text} | {row['ms_per_slice']} |", flush=True)
         print(f"# load average {os.getloadavg()[0]:.1f} at the end")
 
