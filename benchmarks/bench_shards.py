@@ -9,7 +9,8 @@ with --threads max(1, CPUs / N), like a Slurm array with --cpus-per-task = CPUs 
 memory is each process's maximum resident set (wait4's ru_maxrss). "resume" kills (SIGKILL) one process
 once half the cases have their records, starts the same command again (--skip-existing) and compares the
 total with the uninterrupted one-process row: the overhead is the second start-up plus the case that was
-in progress when it was killed.
+in progress when it was killed. The last row restarts the finished run once more: every case is skipped, so its
+wall time is what a restart costs by itself (start-up, model load, checking the records).
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ def main() -> None:
         wall, peaks = run_processes([resume])
         print(f"| resume: killed after {recorded} of {args.cases} cases, restarted | 1 x {cpus} | {first:.1f} + {wall:.1f} = {first + wall:.1f} "
               f"(overhead {first + wall - single_wall:+.1f} s against 1 process) | {args.cases / (first + wall) * 60:.2f} | {peaks[0]:.0f} |")
+        wall, peaks = run_processes([resume])
+        print(f"| restart of the finished run: all {args.cases} cases skipped (a restart's fixed cost) | 1 x {cpus} | {wall:.1f} | - | {peaks[0]:.0f} |")
         print(f"# load average {os.getloadavg()[0]:.1f} at the end")
 
 
