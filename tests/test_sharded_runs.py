@@ -168,3 +168,30 @@ def test_a_grand_challenge_layout_is_not_sharded(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TRUNKSEG_SHARD_COUNT", "2")
     code, err = _main("--input", tmp_path / "in", "--output", tmp_path / "out", capsys=capsys)
     assert code == 2 and "one case per job" in err
+
+
+def test_on_a_terminal_a_tqdm_bar_counts_the_cases_beside_the_lines(cases, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a new pty is 0 columns wide: tqdm would draw nothing
+    proc = subprocess.Popen([sys.executable, str(REPO / "process.py"), "--input", str(cases), "--output", str(tmp_path / "out"),
+                             "--shard", "1/4", *ARGS], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave, cwd=REPO)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    assert proc.wait(timeout=300) == 0
+    text = b"".join(chunks).decode(errors="replace")
+    assert re.search(r"cases: 100%\|.*\| 1/1", text), text[-2000:]
+    assert "[1/1] case case-03 done in" in text
