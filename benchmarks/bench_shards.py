@@ -43,8 +43,15 @@ def write_cases(folder: Path, n: int, slices: int) -> None:
         shutil.copyfile(folder / "demo-00.mha", folder / f"demo-{i:02d}.mha")
 
 
-def command(cases: Path, out: Path, threads: int, *extra: str) -> list[str]:
-    return [sys.executable, str(REPO / "process.py"), "--input", str(cases), "--output", str(out), "--threads", str(threads), *extra]
+#: process.py with OpenVINO's threads pinned to cores, as before issue 16 (OpenVINO's default)
+PINNED = ("import sys; sys.path.insert(0, {repo!r}); from model import runtime as rt; now = rt.OpenVinoRunner.compile_config; "
+          "rt.OpenVinoRunner.compile_config = lambda self: {{**now(self), 'ENABLE_CPU_PINNING': True}}; import process; "
+          "raise SystemExit(process.main(sys.argv[1:]))")
+
+
+def command(cases: Path, out: Path, threads: int, *extra: str, pinned: bool = False) -> list[str]:
+    program = ["-c", PINNED.format(repo=str(REPO))] if pinned else [str(REPO / "process.py")]
+    return [sys.executable, *program, "--input", str(cases), "--output", str(out), "--threads", str(threads), *extra]
 
 
 def run_processes(commands: list[list[str]]) -> tuple[float, list[float]]:
@@ -71,6 +78,8 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=16)
     parser.add_argument("--slices", type=int, default=69, help="first slices of the demo CT per case (default all 69)")
     parser.add_argument("--shards", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--pinning", action="store_true",
+                        help="only: 2 shards on this node with OpenVINO's threads pinned as before (old thread default and 1 thread) and unpinned")
     args = parser.parse_args()
     cpus = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as temp:
@@ -81,6 +90,13 @@ def main() -> None:
               f"{args.cases} copies of the demo CT, {args.slices} slices each", flush=True)
         print("| run | processes x threads | wall s | cases/min | peak RSS MiB per process |")
         print("|---|---|---:|---:|---|")
+        if args.pinning:
+            for label, threads, pinned in ((f"2 shards, {cpus} threads each, pinned (before)", cpus, True),
+                                           ("2 shards, 1 thread each, pinned", 1, True), ("2 shards, 1 thread each, not pinned (now)", 1, False)):
+                wall, peaks = run_processes([command(cases, temp / f"p{threads}{pinned}" / f"shard-{i}", threads, "--shard", f"{i}/2", pinned=pinned)
+                                             for i in range(2)])
+                print(f"| {label} | 2 x {threads} | {wall:.1f} | {args.cases / wall * 60:.2f} | {', '.join(f'{p:.0f}' for p in peaks)} |", flush=True)
+            return
         wall, peaks = run_processes([command(cases, temp / "single", cpus)])
         single_wall = wall
         print(f"| 1 process | 1 x {cpus} | {wall:.1f} | {args.cases / wall * 60:.2f} | {peaks[0]:.0f} |", flush=True)
