@@ -3,6 +3,7 @@
     python process.py                          # Grand Challenge: read /input, write /output
     python process.py --input DIR --output DIR # any folder: GC layout, or one case per CT file / DICOM study (any depth)
     python process.py -i ct.nii.gz -o out/     # also one image file, a DICOMDIR, a .zip (docs/inputs.md)
+    python process.py --input DIR --output DIR/shard-0 --shard 0/4   # a quarter of a folder (docs/clusters.md)
 
 Writes <output>/images/<output-slug>/<case>.mha (uint8 labels on the input grid, labels in
 common/labels.json; outside Grand Challenge's layout in the input's format family or --format, with
@@ -35,15 +36,18 @@ from model.segment import SegmentStats
 from postprocess import __version__ as POSTPROCESS_VERSION
 from postprocess.dicom_seg import SEGMENTATION_TYPES
 from postprocess.outputs import StagedOutputs, check_output_writable, list_files, remove_new_files
+from postprocess.progress import Progress
+from postprocess.records import find_complete_records, forget_record, remove_partial_files, write_record
 from postprocess.report import MASK_FORMATS, ReportOptions, load_vertebrae, mask_suffix, write_case_report
 from common.atomic import write_json_atomically
-from common.errors import LimitError, OutputError, TerminatedError, TrunkSegError
+from common.errors import LimitError, OutputError, TerminatedError, TrunkSegError, UsageError
+from preprocess.archive import is_archive, unpacked_archive
 from preprocess.geometry import Reorientation
 from preprocess.inputs import Case, find_cases, vertebrae_maps
 from preprocess.io import read_ct, write_label_map
-from preprocess.limits import DEFAULT_CASE_TIME_LIMIT_S, CaseTimer, memory_budget
-from preprocess.archive import is_archive, unpacked_archive
+from preprocess.limits import DEFAULT_CASE_TIME_LIMIT_S, CaseTimer, detect_granted_cpus, memory_budget
 from preprocess.readahead import ReadAhead
+from preprocess.shards import choose_shard, select_cases
 from preprocess.study import SeriesRule
 from preprocess.vertebrae import SCHEMES
 
@@ -66,13 +70,6 @@ def default_model() -> Path:
         return Path(os.environ["TRUNKSEG_MODEL"])
     mounted = find_mounted_package(GC_MODEL)
     return mounted if mounted is not None else BUNDLED_MODEL
-
-
-def available_cpus() -> int:
-    """The CPUs this process may run on: its affinity mask where the OS has one (Linux), else os.cpu_count() (macOS, Windows)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def progress_bar(total: int, label: str):
@@ -201,14 +198,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "or labelmap (DICOM 2024: one JPEG-LS frame per slice, small; OHIF 3.11+, not yet every viewer or PACS)")
     parser.add_argument("--no-dicom-seg", action="store_true", help="no DICOM-SEG for DICOM input (when its headers do not allow one)")
     parser.add_argument("--batch-size", type=int, default=None, help="tiles per network call (default 4 on the CPU, 16 on a GPU)")
-    parser.add_argument("--threads", type=int, default=available_cpus(), help="CPU threads for the runtime")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for the runtime (default: the CPUs the scheduler grants: cpuset, cgroup quota, SLURM_CPUS_PER_TASK)")
     parser.add_argument("--memory-limit-gb", type=float, default=_env_float("TRUNKSEG_MEMORY_LIMIT_GB"),
                         help="refuse, from its header, a case whose estimated peak memory exceeds this (GiB; default: the "
                              "container's memory limit, else physical memory; $TRUNKSEG_MEMORY_LIMIT_GB)")
     parser.add_argument("--time-limit-s", type=float, default=_env_float("TRUNKSEG_TIME_LIMIT_S", DEFAULT_CASE_TIME_LIMIT_S),
                         help=f"stop a case after this many seconds, 0 for none (default {DEFAULT_CASE_TIME_LIMIT_S}: Grand Challenge's "
                              f"default job limit of 3600 s less 5 min; $TRUNKSEG_TIME_LIMIT_S)")
+    parser.add_argument("--shard", default=None, metavar="I/N",
+                        help="do shard I of N (0 <= I < N) of the folder's cases, assigned by case id (docs/clusters.md); default: "
+                             "from SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT or JOB_COMPLETION_INDEX with --shard-count")
+    parser.add_argument("--shard-count", type=int, default=_env_int("TRUNKSEG_SHARD_COUNT"),
+                        help="number of shards when the index comes from JOB_COMPLETION_INDEX ($TRUNKSEG_SHARD_COUNT)")
+    parser.add_argument("--skip-existing", action=argparse.BooleanOptionalAction, default=None,
+                        help="skip cases whose outputs are complete in --output (results/<case>.json), redo half-written ones "
+                             "(default: on for a shard, off otherwise)")
     args = parser.parse_args(argv)
+    grant = detect_granted_cpus() if args.threads is None else None
+    args.threads, args.threads_origin = (grant.count, grant.origin) if grant else (args.threads, "--threads")
     if (args.batch_size is not None and args.batch_size < 1) or args.threads < 1:
         parser.error("--batch-size and --threads must be >= 1")
     if (args.memory_limit_gb is not None and not args.memory_limit_gb > 0) or not args.time_limit_s >= 0:
@@ -232,6 +240,13 @@ def _env_float(name: str, default: float | None = None) -> float | None:
         return float(text)
     except ValueError:
         raise SystemExit(f"error: ${name}={text!r} is not a number") from None
+
+
+def _env_int(name: str) -> int | None:
+    value = _env_float(name)
+    if value is not None and value != int(value):
+        raise SystemExit(f"error: ${name}={os.environ[name]!r} is not a whole number")
+    return None if value is None else int(value)
 
 
 def stop_on_sigterm(signum, frame):
@@ -272,6 +287,12 @@ def run_cases(args: argparse.Namespace, resources: ExitStack) -> int:
         package = load_model_package(args.model or default_model())  # first: its training spacing chooses among DICOM series
         source = resources.enter_context(unpacked_archive(args.input)) if is_archive(args.input) else args.input
         cases = find_cases(source, slug=args.input_slug, vertebrae_slug=args.vertebrae_slug, rule=series_rule(args, package))
+        shard = choose_shard(args.shard, count=args.shard_count, environ=os.environ)
+        if shard is not None and cases.layout == "grand-challenge":
+            raise UsageError(f"shard {shard.label} ({shard.assigned_by}): Grand Challenge's layout is one case per job, it is not sharded")
+        work = select_cases(cases.cases, shard)
+        records = cases.layout == "folder"  # results/<case>.json; Grand Challenge's one case per job keeps its output as it was
+        skip_existing = records and (args.skip_existing if args.skip_existing is not None else shard is not None)
         vertebrae = vertebrae_maps(args.vertebrae, cases.cases)
         grand_challenge = cases.layout == "grand-challenge"
         if grand_challenge and args.format not in ("auto", "mha"):
@@ -281,14 +302,31 @@ def run_cases(args: argparse.Namespace, resources: ExitStack) -> int:
                                viewer_files=not grand_challenge)
         check_output_writable(args.output)
         budget = memory_budget(args.memory_limit_gb)
+        done_before = find_complete_records(args.output, [c.case_id for c in work]) if skip_existing else {}
+        if skip_existing:
+            left = remove_partial_files(args.output)
+            log(f"--skip-existing: {len(done_before)} of {len(work)} case(s) already complete in {args.output}"
+                + (f"; removed {left} half-written file(s) of an earlier run" if left else ""))
+        pending = [c for c in work if c.case_id not in done_before]
+        next_of = {c.case_id: n for c, n in zip(pending, [*pending[1:], None])}
+        progress = Progress(len(work), log=log)
         exit_code = 0
         with ReadAhead(budget=budget, read=read_ct) as reader, start_chosen_runtime(args.runtime, args.precision, package, threads=args.threads, log=log) as started:
             runtime, choice = started.runtime, started.choice
             log(f"model {package.card.identity} from {package.folder}; runtime {choice.name} ({choice.reason}); precision {started.precision.name} "
-                f"({started.precision.reason}); {len(cases.cases)} case(s), {cases.layout} layout")
+                f"({started.precision.reason}); {args.threads} thread(s) ({args.threads_origin}); {len(cases.cases)} case(s), {cases.layout} layout"
+                + (f"; shard {shard.label} ({shard.assigned_by}) takes {len(work)} of them" if shard else ""))
             results = {"model": {"identity": package.card.identity, "folder": str(package.folder), "description": package.card.description},
                        "runtime": started.describe(), "output_slug": args.output_slug, "cases": []}
-            for index, case in enumerate(cases.cases):
+            if shard is not None:  # what postprocess/merge.py needs to join the shards
+                results["shard"] = {"index": shard.index, "count": shard.count, "assigned_by": shard.assigned_by,
+                                    "cases_in_run": [c.case_id for c in cases.cases]}
+            for case in work:
+                if case.case_id in done_before:
+                    results["cases"].append(done_before[case.case_id])
+                    progress.case_ended(case.case_id, seconds=0.0, outcome="skipped")
+                    continue
+                case_started = time.perf_counter()
                 before = list_files(args.output)
 
                 def on_hard_timeout(message: str, case: Case = case, before: set[Path] = before) -> None:
@@ -298,20 +336,26 @@ def run_cases(args: argparse.Namespace, resources: ExitStack) -> int:
                     write_json_atomically(args.output / "results.json", results)
 
                 try:
+                    if records:
+                        forget_record(args.output, case.case_id)
                     with CaseTimer(args.time_limit_s, case=str(case.source), on_hard_timeout=on_hard_timeout):
                         entry = run_case(case, package=package, runtime=runtime, choice=choice, output_dir=args.output,
                                          slug=args.output_slug, batch_size=args.batch_size, reader=reader,
-                                         next_case=cases.cases[index + 1] if index + 1 < len(cases.cases) else None, report=report,
-                                         vertebrae=vertebrae.get(case.case_id))
+                                         next_case=next_of[case.case_id], report=report, vertebrae=vertebrae.get(case.case_id))
+                    if records:  # last: a record means every output of the case is in place (postprocess/records.py)
+                        write_record(args.output, entry)
                     results["cases"].append(entry)  # only once the timer is disarmed: a late alarm discards the case whole
+                    progress.case_ended(case.case_id, seconds=time.perf_counter() - case_started)
                 except Exception as error:  # one case's failure, whatever it is, must not stop the others
                     remove_new_files(args.output, before)
                     message, code = describe_failure(error, case)
                     log(f"error: {message}")
                     results["cases"].append({"case_id": case.case_id, "status": "failed", "input": str(case.source), "error": message})
                     exit_code = exit_code or code
+                    progress.case_ended(case.case_id, seconds=time.perf_counter() - case_started, outcome="failed")
                     if isinstance(error, (OutputError, TerminatedError)):
                         break  # the output takes no more (every later case would fail the same way), or we were told to stop
+            progress.close()
         try:
             write_json_atomically(args.output / "results.json", results)
         except OutputError as error:

@@ -54,8 +54,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 
 def write_bytes_atomically(path: Path, data: bytes) -> None:
+    """`data` under `path`, on the disk before the rename makes it count (a node that loses power keeps no empty file)."""
     with atomic_path(path) as temp:
-        temp.write_bytes(data)
+        with open(temp, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
 
 
 def write_text_atomically(path: Path, text: str) -> None:

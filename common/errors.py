@@ -60,3 +60,9 @@ class TerminatedError(TrunkSegError):
     """The run was asked to stop (SIGTERM, as a platform does at its time limit): the case in progress is discarded."""
 
     exit_code = 143  # 128 + SIGTERM, what a shell reports for a process that SIGTERM ended
+
+
+class UsageError(TrunkSegError):
+    """The run was asked for something inconsistent (a shard outside its count, shards that do not belong together)."""
+
+    exit_code = 2

@@ -135,3 +135,74 @@ def memory_budget(limit_gb: float | None) -> MemoryBudget:
     if limit_gb is not None:
         return MemoryBudget(int(limit_gb * 2**30), "--memory-limit-gb")
     return MemoryBudget(*detect_memory_limit())
+
+
+@dataclass(frozen=True)
+class CpuGrant:
+    """How many CPU threads the scheduler grants this process, and which limit decided it."""
+
+    count: int
+    origin: str
+
+
+def _read_cgroup_quota(cgroup_root: Path, proc_cgroup: str) -> tuple[float, Path] | None:
+    """The tightest CPU quota (cores, and its cpu.max / cpu.cfs_quota_us file) on this process's cgroup path, v2 or v1."""
+    tightest = None
+    for line in proc_cgroup.splitlines():
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0" and controllers == "":  # cgroup v2: <root>/<path>/cpu.max, and every parent's
+            base = cgroup_root
+        elif "cpu" in controllers.split(","):  # cgroup v1: the cpu controller's own hierarchy
+            base = next((cgroup_root / name for name in ("cpu,cpuacct", "cpu") if (cgroup_root / name).is_dir()), None)
+            if base is None:
+                continue
+        else:
+            continue
+        parts = [p for p in path.strip().split("/") if p]
+        for depth in range(len(parts), -1, -1):  # in a container, its own cgroup is the namespace's root
+            folder = base.joinpath(*parts[:depth])
+            cores = _read_quota(folder)
+            if cores is not None and (tightest is None or cores[0] < tightest[0]):
+                tightest = cores
+    return tightest
+
+
+def _read_quota(folder: Path) -> tuple[float, Path] | None:
+    try:
+        quota, period = (folder / "cpu.max").read_text().split()[:2]
+        if quota != "max":
+            return int(quota) / int(period), folder / "cpu.max"
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        period = int((folder / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return (quota / period, folder / "cpu.cfs_quota_us") if quota > 0 and period > 0 else None
+
+
+def detect_granted_cpus(environ=os.environ, *, cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: str | None = None) -> CpuGrant:
+    """The CPUs this process may use, never more than any of: the CPUs it may run on (cpuset: sched_getaffinity;
+    Slurm's task/affinity and Docker's --cpuset-cpus set it), the cgroup CPU quota rounded down, at least 1
+    (Docker's --cpus, Kubernetes' CPU limit, Slurm's cgroup plugin), and SLURM_CPUS_PER_TASK (Slurm without
+    cgroups grants CPUs only on paper). More threads than the quota only queue for it: a thread that waits for
+    its slice stalls every thread that syncs with it."""
+    if hasattr(os, "sched_getaffinity"):  # Linux; macOS and Windows have no affinity mask to read
+        candidates = [(len(os.sched_getaffinity(0)), "the CPUs this process may run on (sched_getaffinity)")]
+    else:
+        candidates = [(os.cpu_count() or 1, "the CPUs of this machine (os.cpu_count: no affinity mask on this OS)")]
+    if proc_cgroup is None:
+        try:
+            proc_cgroup = Path("/proc/self/cgroup").read_text()
+        except OSError:
+            proc_cgroup = ""
+    quota = _read_cgroup_quota(cgroup_root, proc_cgroup)
+    if quota is not None:
+        candidates.append((max(1, int(quota[0] + 1e-9)), f"the cgroup CPU quota of {quota[0]:g} cores ({quota[1]})"))
+    text = environ.get("SLURM_CPUS_PER_TASK", "").strip()
+    if text.isdigit() and int(text) > 0:
+        candidates.append((int(text), f"SLURM_CPUS_PER_TASK={text}"))
+    count, origin = min(candidates, key=lambda c: c[0])
+    return CpuGrant(count, origin)

@@ -29,7 +29,8 @@ class OpenVinoRunner:
     LeakyReLU, the transposed convolutions OpenVINO keeps in float, the logits layer) in f32; int8+bf16
     runs the same graph under the bf16 hint, so those float parts run in bf16 (on the paper-sized network
     they were a third of int8's time; docs/benchmarks.md). On a CPU without native bf16 OpenVINO would
-    quietly run f32, so asking for bf16 or int8+bf16 there is an error. One stream, `threads` inference threads, latency mode; with
+    quietly run f32, so asking for bf16 or int8+bf16 there is an error. One stream, `threads` inference threads (process.py:
+    the CPUs the scheduler grants), not pinned to cores, latency mode; with
     the same settings on the same machine the output is the same from run to run (tested).
     """
 
@@ -80,6 +81,10 @@ class OpenVinoRunner:
             "INFERENCE_PRECISION_HINT": "bf16" if uses_bf16(self.precision) else "f32",
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": 1,
+            # Threads float over the cores the process may use instead of each being pinned to one: on a node shared
+            # with other jobs a pinned thread waits for its busy core while every other thread waits for it
+            # (benchmarks/bench_contention.py; docs/benchmarks.md "Shared nodes").
+            "ENABLE_CPU_PINNING": False,
         }
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = self.threads
