@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from contextlib import ExitStack
 import signal
 import sys
 import threading
 import time
 import traceback
+from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 
 from model.package import PHANTOM_WARNING, ModelPackage, find_mounted_package, is_phantom_only, load_model_package
@@ -269,6 +270,12 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(number, handler)
 
 
+def name_in_archive(text: object, *, unpacked: Path | None, archive: Path) -> str:
+    """A path, or a message naming one, of a file unpacked from a .zip: named inside the archive (`scans.zip/study/...`),
+    never by its temporary copy, which is gone when the run ends."""
+    return str(text) if unpacked is None else str(text).replace(str(unpacked), str(archive))
+
+
 def series_rule(args: argparse.Namespace, package: ModelPackage) -> SeriesRule:
     """How DICOM studies choose their series: the overrides, and the model's training spacing as the thickness to approach."""
     spacing = package.card.pixel_spacing_mm
@@ -283,9 +290,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_cases(args: argparse.Namespace, resources: ExitStack) -> int:
+    shown = str  # until an archive is unpacked
     try:
         package = load_model_package(args.model or default_model())  # first: its training spacing chooses among DICOM series
         source = resources.enter_context(unpacked_archive(args.input)) if is_archive(args.input) else args.input
+        shown = partial(name_in_archive, unpacked=source if source != args.input else None, archive=args.input)
         cases = find_cases(source, slug=args.input_slug, vertebrae_slug=args.vertebrae_slug, rule=series_rule(args, package))
         shard = choose_shard(args.shard, count=args.shard_count, environ=os.environ)
         if shard is not None and cases.layout == "grand-challenge":
@@ -330,9 +339,9 @@ def run_cases(args: argparse.Namespace, resources: ExitStack) -> int:
                 before = list_files(args.output)
 
                 def on_hard_timeout(message: str, case: Case = case, before: set[Path] = before) -> None:
-                    log(f"error: {message}")
+                    log(f"error: {shown(message)}")
                     remove_new_files(args.output, before)
-                    results["cases"].append({"case_id": case.case_id, "status": "failed", "input": str(case.source), "error": message})
+                    results["cases"].append({"case_id": case.case_id, "status": "failed", "input": shown(case.source), "error": shown(message)})
                     write_json_atomically(args.output / "results.json", results)
 
                 try:
@@ -342,6 +351,7 @@ def run_cases(args: argparse.Namespace, resources: ExitStack) -> int:
                         entry = run_case(case, package=package, runtime=runtime, choice=choice, output_dir=args.output,
                                          slug=args.output_slug, batch_size=args.batch_size, reader=reader,
                                          next_case=next_of[case.case_id], report=report, vertebrae=vertebrae.get(case.case_id))
+                    entry["input"] = shown(entry["input"])
                     if records:  # last: a record means every output of the case is in place (postprocess/records.py)
                         write_record(args.output, entry)
                     results["cases"].append(entry)  # only once the timer is disarmed: a late alarm discards the case whole
@@ -349,8 +359,9 @@ def run_cases(args: argparse.Namespace, resources: ExitStack) -> int:
                 except Exception as error:  # one case's failure, whatever it is, must not stop the others
                     remove_new_files(args.output, before)
                     message, code = describe_failure(error, case)
+                    message = shown(message)
                     log(f"error: {message}")
-                    results["cases"].append({"case_id": case.case_id, "status": "failed", "input": str(case.source), "error": message})
+                    results["cases"].append({"case_id": case.case_id, "status": "failed", "input": shown(case.source), "error": message})
                     exit_code = exit_code or code
                     progress.case_ended(case.case_id, seconds=time.perf_counter() - case_started, outcome="failed")
                     if isinstance(error, (OutputError, TerminatedError)):
@@ -364,7 +375,7 @@ def run_cases(args: argparse.Namespace, resources: ExitStack) -> int:
             return error.exit_code
         return exit_code
     except TrunkSegError as error:
-        log(f"error: {error}")
+        log(f"error: {shown(error)}")
         return error.exit_code
     except Exception as error:
         if os.environ.get("TRUNKSEG_DEBUG"):

@@ -209,6 +209,11 @@ def test_a_zip_of_a_nested_study_gives_the_same_case_and_leaves_nothing_unpacked
     assert code == 0 and not errors, err
     _check_run(tmp_path / "out", "export", study, err, tmp_path / "export")
     assert list(temp.iterdir()) == []
+    # the results name the files inside the archive, never the temporary copy that is gone now
+    results = (tmp_path / "out" / "results.json").read_text()
+    assert "trunkseg-zip-" not in results and "trunkseg-zip-" not in err
+    case = json.loads(results)["cases"][0]
+    assert case["input"].startswith(str(archive) + "/"), case["input"]
 
 
 # ------------------------------------------------------------------------------------ hostile zips
