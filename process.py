@@ -290,6 +290,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_cases(args: argparse.Namespace, resources: ExitStack) -> int:
+    """Find the cases (the model first: its spacing chooses DICOM series), take this shard's, resume, run each, report."""
     shown = str  # until an archive is unpacked
     try:
         package = load_model_package(args.model or default_model())  # first: its training spacing chooses among DICOM series
