@@ -37,7 +37,7 @@ from model.segment import SegmentStats
 from postprocess import __version__ as POSTPROCESS_VERSION
 from postprocess.dicom_seg import SEGMENTATION_TYPES
 from postprocess.outputs import StagedOutputs, check_output_writable, list_files, remove_new_files
-from postprocess.progress import Progress
+from postprocess.progress import Progress, terminal_bar
 from postprocess.records import find_complete_records, forget_record, remove_partial_files, write_record
 from postprocess.report import MASK_FORMATS, ReportOptions, load_vertebrae, mask_suffix, write_case_report
 from common.atomic import write_json_atomically
@@ -73,17 +73,6 @@ def default_model() -> Path:
     return mounted if mounted is not None else BUNDLED_MODEL
 
 
-def progress_bar(total: int, label: str):
-    """A tqdm bar on a terminal, nothing in a container log (stage times are logged instead)."""
-    if sys.stderr.isatty():
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            return None
-        return tqdm(total=total, desc=label, unit="slice", file=sys.stderr, leave=False)
-    return None
-
-
 def run_case(case: Case, *, package: ModelPackage, runtime, choice: RuntimeChoice, output_dir: Path, slug: str, batch_size: int,
              reader: ReadAhead, next_case: Case | None = None, report: ReportOptions = ReportOptions(), vertebrae: Path | None = None) -> dict:
     timings = {}
@@ -101,7 +90,7 @@ def run_case(case: Case, *, package: ModelPackage, runtime, choice: RuntimeChoic
     timings["reorient"] = time.perf_counter() - started
 
     stats = SegmentStats()
-    bar = progress_bar(model_frame.shape[0], case.case_id)
+    bar = terminal_bar(model_frame.shape[0], label=case.case_id, unit="slice", leave=False)
     started = time.perf_counter()
     segment, network, batch_size = segmenter_for(runtime, batch_size)  # a GPU runtime: the whole pipeline on its device
     labels = segment(

@@ -22,6 +22,18 @@ def format_duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
+def terminal_bar(total: int, *, label: str, unit: str, leave: bool, terminal: bool | None = None):
+    """A tqdm bar when stderr is a terminal (`terminal`: None to look, True/False to say) and tqdm is installed, else None:
+    container logs get lines, not bars."""
+    if not total or not (terminal if terminal is not None else sys.stderr.isatty()):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=label, unit=unit, file=sys.stderr, leave=leave)
+
+
 class Progress:
     """Counts the cases of a run as they end; `line` is what `log` receives for each."""
 
@@ -31,14 +43,7 @@ class Progress:
         self.finished = 0
         self._worked_s = 0.0
         self._worked = 0
-        self._bar = None
-        if terminal if terminal is not None else sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                tqdm = None
-            if tqdm is not None and total:
-                self._bar = tqdm(total=total, desc="cases", unit="case", file=sys.stderr, leave=True)
+        self._bar = terminal_bar(total, label="cases", unit="case", leave=True, terminal=terminal)
 
     def remaining_s(self) -> float | None:
         if not self._worked:
