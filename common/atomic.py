@@ -43,6 +43,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield temp
         os.chmod(temp, 0o644)
         os.replace(temp, path)
+        temp.unlink(missing_ok=True)  # rename() of a hard link onto the same file does nothing and keeps both names
     except OSError as error:
         temp.unlink(missing_ok=True)
         if error.errno is None:  # not the file system's answer (a TimeoutError of the time budget): as it is

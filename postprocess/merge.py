@@ -26,9 +26,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from common.atomic import write_json_atomically
+from common.atomic import atomic_path, write_json_atomically
 from postprocess.records import RECORDS, list_output_paths
-from common.errors import InputError, OutputError, TrunkSegError, UsageError
+from common.errors import InputError, TrunkSegError, UsageError
 from preprocess.shards import assign_shard
 
 
@@ -88,24 +88,13 @@ def check_shards(runs: list[tuple[Path, dict]]) -> None:
 
 def place_file(source: Path, target: Path) -> None:
     """`target` becomes a copy of `source` (a hard link where possible), atomically."""
-    temp = target.with_name(f".partial-{target.name}")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temp.unlink(missing_ok=True)
+    if not source.is_file():
+        raise InputError(f"{source}: named by its case's record but missing (run that shard again: it redoes the case)")
+    with atomic_path(target) as temp:
         try:
             os.link(source, temp)
         except OSError:  # another file system, or links not allowed there
             shutil.copyfile(source, temp)
-        os.chmod(temp, 0o644)
-        os.replace(temp, target)
-    except FileNotFoundError:
-        temp.unlink(missing_ok=True)
-        if not source.exists():
-            raise InputError(f"{source}: named by its case's record but missing (run that shard again: it redoes the case)") from None
-        raise OutputError(f"{target}: cannot write") from None
-    except OSError as error:
-        temp.unlink(missing_ok=True)
-        raise OutputError(f"{target}: cannot write ({error.strerror})") from None
 
 
 def merge_shards(folders: list[Path], output: Path) -> dict:

@@ -68,3 +68,12 @@ def test_a_read_only_folder_is_an_output_error(tmp_path):
             write_text_atomically(tmp_path / "x.txt", "x")
     finally:
         tmp_path.chmod(0o755)
+
+
+def test_a_hard_link_onto_the_same_file_leaves_no_temporary(tmp_path):
+    """rename() of two links to one file does nothing (POSIX): the temporary name must still go."""
+    target = tmp_path / "table.txt"
+    write_text_atomically(target, "colours")
+    with atomic_path(target) as temp:
+        os.link(target, temp)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.txt"] and target.read_text() == "colours"
