@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/fuzz_inputs.py TARGET [libFuzzer options]     # TARGET: inputs-json | image | dicom
     .venv/bin/python benchmarks/fuzz_inputs.py image -max_total_time=60       # bounded run
     .venv/bin/python benchmarks/fuzz_inputs.py dicom -runs=5000 CORPUS_DIR    # grow a corpus in CORPUS_DIR
+    .venv/bin/python benchmarks/fuzz_inputs.py dicom crash-1234...             # rerun one finding
 
 The contract under test: whatever the bytes, the reader either returns a usable volume or raises a
 TrunkSegError (one line naming the file). Any other exception, a crash or a hang is a finding: libFuzzer
@@ -116,13 +117,13 @@ def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in TARGETS:
         raise SystemExit(f"usage: {sys.argv[0]} {'|'.join(TARGETS)} [libFuzzer options] [CORPUS_DIR]")
     target = sys.argv[1]
-    args = [sys.argv[0], *sys.argv[2:]]
+    args = [sys.argv[0], *(a if a.startswith("-") else str(Path(a).resolve()) for a in sys.argv[2:])]  # before the chdir
     corpus_dirs = [a for a in args[1:] if not a.startswith("-")]
     if not corpus_dirs:
         corpus = WORK / f"corpus-{target}"
         args.append(str(corpus))
         corpus_dirs = [str(corpus)]
-    if not any(Path(corpus_dirs[0]).glob("*")):
+    if not Path(corpus_dirs[0]).is_file() and not any(Path(corpus_dirs[0]).glob("*")):  # a file: rerun that one input
         write_seeds(target, Path(corpus_dirs[0]))
     os.chdir(WORK)  # crash-*/timeout-* artifacts land here unless -artifact_prefix says otherwise
     atheris.Setup(args, TARGETS[target])

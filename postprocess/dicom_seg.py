@@ -121,8 +121,8 @@ def read_source_series(source: Path | DicomSeries) -> SourceSeries:
     """
     folder = source.folder if isinstance(source, DicomSeries) else Path(source)
     slices = list_ct_slices(source)
-    paths, _ = sort_slices(slices, folder)
-    by_path = dict(slices)
+    paths, _ = sort_slices([s.plane for s in slices], folder)
+    by_path = {s.path: s.header for s in slices}
     headers = [copy.deepcopy(by_path[p]) for p in paths]
     derived: set[str] = set()
     identities = []

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import SimpleITK as sitk
+from pydicom.datadict import dictionary_has_tag, dictionary_VR
 from pydicom.errors import InvalidDicomError
+from pydicom.valuerep import VR
 
 from common.errors import InputError
 from preprocess.geometry import Geometry
@@ -86,23 +88,44 @@ def read_header(path: Path):
     return header
 
 
-def _floats(header, keyword: str, count: int, path: Path) -> np.ndarray:
-    """A numeric multi-valued attribute, checked: present, `count` finite numbers."""
+def _floats(header, keyword: str, count: int, path: Path) -> tuple[float, ...]:
+    """A numeric multi-valued attribute, checked: present, `count` finite numbers (a text value is no list of numbers:
+    iterating "100000" gives six digits, found by the dicom fuzz target)."""
+    value = header.get(keyword)
     try:
-        values = np.asarray([float(v) for v in header.get(keyword)], dtype=float)
+        if value is None or isinstance(value, (str, bytes)):
+            raise TypeError(keyword)
+        values = np.asarray([float(v) for v in value], dtype=float)
     except (TypeError, ValueError, OverflowError):
         raise InputError(f"{path}: {keyword} is missing or not numeric") from None
     if values.shape != (count,) or not np.all(np.isfinite(values)):
         raise InputError(f"{path}: {keyword} must be {count} finite numbers, got {list(values)[:8]}")
-    return values
+    return tuple(float(v) for v in values)
 
 
-def check_slice_header(path: Path, header) -> None:
-    """Refuse a CT slice whose geometry attributes are missing or malformed (they decide the voxel grid)."""
+@dataclass(frozen=True)
+class SlicePlane:
+    """Where one CT slice lies, parsed and checked once from its header.
+
+    pydicom converts an element on its first use, and a malformed one can read differently (or be gone) at the
+    second look (found by the dicom fuzz target), so ordering and stacking use these values, never the header.
+    """
+
+    path: Path
+    orientation: tuple[float, ...]  # ImageOrientationPatient: row cosine then column cosine (6)
+    position_mm: tuple[float, float, float]  # ImagePositionPatient: the first pixel's centre
+    pixel_spacing_mm: tuple[float, float]  # PixelSpacing: (between rows = y, between columns = x)
+    rows: int
+    columns: int
+    thickness_mm: float | None  # SliceThickness as written (checked where it is used: a single slice), None if absent or no number
+
+
+def read_slice_plane(path: Path, header) -> SlicePlane:
+    """The slice's plane, or InputError when a geometry attribute is missing or malformed (they decide the voxel grid)."""
     orientation = _floats(header, "ImageOrientationPatient", 6, path)
-    _floats(header, "ImagePositionPatient", 3, path)
+    position = _floats(header, "ImagePositionPatient", 3, path)
     spacing = _floats(header, "PixelSpacing", 2, path)
-    if np.any(spacing <= 0):
+    if min(spacing) <= 0:
         raise InputError(f"{path}: PixelSpacing must be positive, got {list(spacing)}")
     try:
         rows, columns = int(header.Rows), int(header.Columns)
@@ -110,9 +133,55 @@ def check_slice_header(path: Path, header) -> None:
         raise InputError(f"{path}: Rows/Columns missing") from None
     if rows < 8 or columns < 8:
         raise InputError(f"{path}: slice of {columns}x{rows} pixels is too small to be an axial CT")
-    row_cosine, col_cosine = orientation.reshape(2, 3)
+    row_cosine, col_cosine = np.reshape(orientation, (2, 3))
     if np.linalg.norm(np.cross(row_cosine, col_cosine)) < 0.5:
         raise InputError(f"{path}: ImageOrientationPatient {list(orientation)} has no valid slice normal")
+    try:
+        thickness = float(header.get("SliceThickness"))
+    except (TypeError, ValueError, OverflowError):
+        thickness = None
+    return SlicePlane(path=Path(path), orientation=orientation, position_mm=position, pixel_spacing_mm=spacing,
+                      rows=rows, columns=columns, thickness_mm=thickness)
+
+
+@dataclass(frozen=True)
+class CtSlice:
+    """One CT image file of a series: its header (for writers that copy attributes) and its checked plane."""
+
+    path: Path
+    header: object  # pydicom Dataset
+    plane: SlicePlane
+
+
+#: the value representations of the DICOM standard (PS3.5 6.2), as pydicom names them
+_KNOWN_VRS = frozenset(vr.value for vr in VR)
+
+
+def check_value_representations(path: Path, dataset) -> None:
+    """Refuse an element whose explicit VR is none of the standard's, at any depth, before GDCM reads the file.
+
+    The two parsers disagree on such an element: pydicom reads a 2-byte length after it, GDCM a 4-byte one
+    (as for OB), so GDCM takes the next bytes as a length of up to 4 GB and allocates it: a 4.7 kB slice with a
+    private element of VR 'D(' made SimpleITK take 1.2 GB (found by the dicom fuzz target, which then ran out
+    of memory). pydicom keeps each element raw until it is used, so the VR is checked without converting values.
+    """
+    pending = [dataset.file_meta, dataset] if getattr(dataset, "file_meta", None) is not None else [dataset]
+    while pending:
+        current = pending.pop()
+        for tag in list(current.keys()):
+            raw = current._dict[tag]  # the element as read: a RawDataElement until its value is first used
+            if raw.VR is None:  # implicit VR: both parsers take it from the data dictionary (UN when private)
+                vr = dictionary_VR(tag) if dictionary_has_tag(tag) else "UN"
+            else:
+                vr = str(raw.VR)
+            if vr not in _KNOWN_VRS:
+                raise InputError(f"{path}: element {tag} has the value representation {vr!r}, which DICOM does not define")
+            if vr == "SQ":
+                try:
+                    items = list(current[tag].value)
+                except Exception as error:  # parsing a sequence's items is parsing hostile bytes: no closed set
+                    raise InputError(f"{path}: sequence {tag} cannot be parsed ({type(error).__name__})") from None
+                pending.extend(items)
 
 
 def check_pixel_data(path: Path) -> None:
@@ -129,31 +198,30 @@ def check_pixel_data(path: Path) -> None:
         needed = int(dataset.Rows) * int(dataset.Columns) * int(dataset.get("SamplesPerPixel", 1) or 1) * int(dataset.BitsAllocated) // 8
     except Exception:  # the header parsed before (read_header); what fails now is the data after it, or its description
         raise InputError(f"{path}: cannot parse its pixel data or the attributes that describe it") from None
+    check_value_representations(path, dataset)
     if not pixel_data:
         raise InputError(f"{path}: no pixel data (missing, or cut short)")
     if not compressed and len(pixel_data) < needed:
         raise InputError(f"{path}: pixel data holds {len(pixel_data)} bytes where Rows x Columns need {needed}: truncated")
 
 
-def _series_key(header) -> tuple:
+def _series_key(header, plane: SlicePlane) -> tuple:
     uid = str(header.get("SeriesInstanceUID", "") or "").strip()
     if uid:
         return ("uid", uid)
-    orientation = tuple(np.round(np.asarray(header.ImageOrientationPatient, dtype=float), 4))
-    spacing = tuple(np.round(np.asarray(header.PixelSpacing, dtype=float), 4))
-    return ("geometry", orientation, spacing, int(header.Rows), int(header.Columns))
+    return ("geometry", tuple(np.round(plane.orientation, 4)), tuple(np.round(plane.pixel_spacing_mm, 4)), plane.rows, plane.columns)
 
 
-def _classify(path: Path, header) -> tuple[str | None, tuple | None]:
-    """("ct", its series key) for a usable CT slice, (the modality, None) of another object, (None, None) for what
-    to skip (a DICOMDIR). The key is computed here, once: pydicom converts elements lazily, and a malformed one can
-    be gone from the dataset at the second look (found by the dicom fuzz target)."""
+def _classify(path: Path, header) -> tuple[tuple, SlicePlane] | str | None:
+    """(its series key, its plane) for a usable CT slice, the modality (text) of another object, None for what to
+    skip (a DICOMDIR). Key and plane are read here, once (see SlicePlane). The two kinds of answer have different
+    types: a modality spelt "ct" (not "CT") is another object, never mistaken for a slice (found by the fuzz target)."""
     sop_class = str(header.get("SOPClassUID", "") or getattr(header.get("file_meta", None), "MediaStorageSOPClassUID", "") or "")
     if sop_class == _DICOMDIR_CLASS or "DirectoryRecordSequence" in header:
-        return None, None
+        return None
     modality = str(header.get("Modality", "") or "")
     if modality != "CT":
-        return modality or ("unknown" if "SOPClassUID" in header else None), None
+        return modality or ("unknown" if "SOPClassUID" in header else None)
     try:
         frames = int(header.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError):
@@ -162,11 +230,11 @@ def _classify(path: Path, header) -> tuple[str | None, tuple | None]:
         raise InputError(f"{path}: multi-frame (enhanced) CT is not supported; export single-frame slices")
     if "ImagePositionPatient" not in header or "ImageOrientationPatient" not in header:
         raise InputError(f"{path}: CT slice without ImagePositionPatient/ImageOrientationPatient: cannot place it")
-    check_slice_header(path, header)
-    return "ct", _series_key(header)
+    plane = read_slice_plane(path, header)
+    return _series_key(header, plane), plane
 
 
-def list_ct_slices(source: Path | DicomSeries) -> list[tuple[Path, object]]:
+def list_ct_slices(source: Path | DicomSeries) -> list[CtSlice]:
     """Headers of the CT image slices of the one CT series in `source`: a folder (searched recursively) or a DicomSeries.
 
     Files that are not DICOM, and a DICOMDIR, are skipped; DICOM objects of other modalities (MR, SEG,
@@ -186,15 +254,16 @@ def list_ct_slices(source: Path | DicomSeries) -> list[tuple[Path, object]]:
         if header is None:
             continue
         try:
-            kind, key = _classify(path, header)
+            found = _classify(path, header)
         except InputError:
             raise
         except Exception as error:  # pydicom converts elements lazily: a malformed value surfaces here
             raise InputError(f"{path}: malformed DICOM header ({type(error).__name__}: {' '.join(str(error).split())[:160]})") from None
-        if kind == "ct":
-            series[key].append((path, header))
-        elif kind is not None:
-            other_modalities.add(kind)
+        if isinstance(found, tuple):
+            key, plane = found
+            series[key].append(CtSlice(path=path, header=header, plane=plane))
+        elif found is not None:
+            other_modalities.add(found)
     if not series:
         found = f" (found modality {', '.join(sorted(other_modalities))})" if other_modalities else ""
         raise InputError(f"{folder}: no CT image slices found{found}")
@@ -204,17 +273,20 @@ def list_ct_slices(source: Path | DicomSeries) -> list[tuple[Path, object]]:
     return next(iter(series.values()))
 
 
-def sort_slices(slices: list[tuple[Path, object]], folder: Path) -> tuple[list[Path], Geometry]:
+def sort_slices(planes: list[SlicePlane], folder: Path) -> tuple[list[Path], Geometry]:
     """Order slices along the slice normal and derive the volume geometry; refuse gaps and duplicates."""
-    first = slices[0][1]
-    row_cosine, col_cosine = np.asarray(first.ImageOrientationPatient, dtype=float).reshape(2, 3)
+    first = planes[0]
+    row_cosine, col_cosine = np.reshape(first.orientation, (2, 3))
     normal = np.cross(row_cosine, col_cosine)
-    positions = np.array([np.asarray(h.ImagePositionPatient, dtype=float) for _, h in slices])
-    for path, header in slices:
-        if not np.allclose(np.asarray(header.ImageOrientationPatient, dtype=float), first.ImageOrientationPatient, atol=1e-3):
-            raise InputError(f"{path}: slice orientation differs from the rest of the series in {folder}")
-        if (int(header.Rows), int(header.Columns)) != (int(first.Rows), int(first.Columns)):
-            raise InputError(f"{path}: slice size differs from the rest of the series in {folder}")
+    orientations = np.array([p.orientation for p in planes])
+    sizes = np.array([(p.rows, p.columns) for p in planes])
+    turned = np.any(np.abs(orientations - orientations[0]) > 1e-3, axis=1)
+    if turned.any():
+        raise InputError(f"{planes[int(np.argmax(turned))].path}: slice orientation differs from the rest of the series in {folder}")
+    resized = np.any(sizes != sizes[0], axis=1)
+    if resized.any():
+        raise InputError(f"{planes[int(np.argmax(resized))].path}: slice size differs from the rest of the series in {folder}")
+    positions = np.array([p.position_mm for p in planes])
     along = positions @ normal
     order = np.argsort(along, kind="stable")
     along = along[order]
@@ -231,21 +303,18 @@ def sort_slices(slices: list[tuple[Path, object]], folder: Path) -> tuple[list[P
                 f"expected, after position {along[where]:.2f} mm): missing slices?"
             )
     else:
-        try:
-            step = float(first.get("SliceThickness", 1.0) or 1.0)
-        except (TypeError, ValueError):
-            step = 1.0
+        step = 1.0 if first.thickness_mm is None else first.thickness_mm
         if not np.isfinite(step) or step <= 0:
-            raise InputError(f"{slices[0][0]}: a single slice needs a positive SliceThickness, got {first.get('SliceThickness')!r}")
-    pixel_spacing = [float(v) for v in first.PixelSpacing]  # (row spacing = y, column spacing = x)
+            raise InputError(f"{first.path}: a single slice needs a positive SliceThickness, got {step!r}")
+    spacing_y, spacing_x = first.pixel_spacing_mm
     direction = np.column_stack([row_cosine, col_cosine, normal])
     geometry = Geometry(
-        size_xyz=(int(first.Columns), int(first.Rows), len(slices)),
-        spacing_mm=(pixel_spacing[1], pixel_spacing[0], step),
+        size_xyz=(first.columns, first.rows, len(planes)),
+        spacing_mm=(spacing_x, spacing_y, step),
         origin_mm=tuple(float(v) for v in positions[order[0]]),
         direction=tuple(float(v) for v in direction.ravel()),
     )
-    return [slices[i][0] for i in order], geometry
+    return [planes[i].path for i in order], geometry
 
 
 def read_dicom_series(source: Path | DicomSeries | UnusableStudy, *, check_size=None) -> tuple[np.ndarray, Geometry]:
@@ -257,7 +326,7 @@ def read_dicom_series(source: Path | DicomSeries | UnusableStudy, *, check_size=
     if isinstance(source, UnusableStudy):
         raise InputError(f"{source.folder}: {source.reason}")
     folder = source.folder if isinstance(source, DicomSeries) else Path(source)
-    paths, geometry = sort_slices(list_ct_slices(source), folder)
+    paths, geometry = sort_slices([s.plane for s in list_ct_slices(source)], folder)
     if check_size is not None:
         check_size(geometry.size_xyz, stored_bytes_per_voxel=2, source=folder)
     volume = None

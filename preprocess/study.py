@@ -27,7 +27,7 @@ from typing import Iterable
 import numpy as np
 from pydicom.dataset import Dataset
 
-from preprocess.dicom import check_slice_header, read_header, sort_slices
+from preprocess.dicom import read_header, read_slice_plane, sort_slices
 from common.errors import InputError
 
 #: a series of fewer slices is no volume to segment (a localizer has 1-3)
@@ -226,16 +226,15 @@ def _drop_reason(items: list[tuple[Path, Dataset]]) -> tuple[str | None, float |
         if "ImagePositionPatient" not in header or "ImageOrientationPatient" not in header:
             return f"{path}: CT slice without ImagePositionPatient/ImageOrientationPatient: cannot place it", None
     try:  # the reader's own checks: what it would refuse is dropped here, with its message
-        for path, header in items:
-            check_slice_header(path, header)
+        planes = [read_slice_plane(path, header) for path, header in items]
     except InputError as error:
         return str(error), None
-    plane = _plane(first.ImageOrientationPatient)
+    plane = _plane(planes[0].orientation)
     if plane != "axial":
         derived = " reformat (ImageType DERIVED)" if "DERIVED" in image_type else ""
         return f"{plane}{derived} images: not axial", None
     try:
-        _, geometry = sort_slices(items, items[0][0].parent)
+        _, geometry = sort_slices(planes, items[0][0].parent)
     except InputError as error:
         return f"not one volume: {error}", None
     return None, float(geometry.spacing_mm[2])

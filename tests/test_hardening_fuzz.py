@@ -187,3 +187,70 @@ def test_a_dicom_attribute_with_an_unknown_vr_is_named_not_a_stray_exception(tmp
     path.write_bytes(data.replace(element, b"\x18\x00\x50\x00\x44\xab"))
     with pytest.raises(InputError, match=f"{path.name}: its DICOM attribute SliceThickness cannot be read"):
         read_dicom_series(folder)
+
+
+def test_a_private_element_with_an_unknown_vr_is_refused_before_gdcm_allocates_its_misread_length(tmp_path):
+    """Found by the dicom target (CI, then here): pydicom reads a 2-byte length after an unknown VR, GDCM a 4-byte
+    one, so a 4.7 kB slice with a private element of VR 'D(' made SimpleITK allocate 1.2 GB (measured); the fuzz run
+    grew to its 6 GB limit. The element is private: no attribute this product reads names it."""
+    import resource
+
+    from pydicom.dataset import Dataset
+
+    from preprocess.dicom import read_dicom_series
+    from tests import hardening_corpus as corpus
+
+    def add_private(index: int, dataset: Dataset) -> None:
+        dataset.add_new(0x53200010, "LO", "abcd")
+
+    folder = corpus.dicom_series(tmp_path / "series", n=3, edit=add_private)
+    path = sorted(folder.iterdir())[1]
+    element = b"\x20\x53\x10\x00LO\x04\x00"  # (5320,0010) LO, length 4
+    data = path.read_bytes()
+    assert data.count(element) == 1
+    path.write_bytes(data.replace(element, b"\x20\x53\x10\x00D(\x04\x00"))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(InputError, match=rf"{path.name}: element \(5320,0010\) has the value representation 'D\('"):
+        read_dicom_series(folder)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB: GDCM never got the file
+
+
+def test_an_implicit_vr_series_with_sequences_and_private_elements_still_reads(tmp_path):
+    """The VR check must not refuse what the standard allows: implicit VR (no VR in the file), a sequence, a
+    private element the data dictionary does not know."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    from preprocess.dicom import read_dicom_series
+    from tests import hardening_corpus as corpus
+
+    def make_implicit(index: int, dataset: Dataset) -> None:
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4"
+        item.add_new(0x00091001, "LO", "private in an item")
+        dataset.ReferencedImageSequence = Sequence([item])
+        dataset.add_new(0x00091002, "LO", "private")
+        dataset.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+
+    folder = corpus.dicom_series(tmp_path / "series", n=3, edit=make_implicit)
+    volume, geometry = read_dicom_series(folder)
+    assert volume.shape == geometry.shape_zyx == (3, 40, 48)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "tests" / "fuzz_finds").glob("*.dcm")))
+def test_each_stored_dicom_fuzz_find_is_refused_with_one_named_input_error(tmp_path, name):
+    """The fuzz finds kept byte for byte (tests/fuzz_finds/README.md): each is an InputError naming the input, read
+    in well under the memory the misread length asked for."""
+    import resource
+    import shutil
+
+    from preprocess.dicom import read_dicom_series
+
+    folder = tmp_path / "series"
+    folder.mkdir()
+    shutil.copy(REPO / "tests" / "fuzz_finds" / name, folder / "slice.dcm")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(InputError, match=f"^{folder}"):  # the folder, or the file in it
+        read_dicom_series(folder)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB

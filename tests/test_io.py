@@ -139,7 +139,7 @@ def test_dicom_pixels_match_simpleitk_series_reader(ts_example):
     volume, _ = read_dicom_series(folder)
     from preprocess.dicom import list_ct_slices, sort_slices
 
-    paths, _ = sort_slices(list_ct_slices(folder), folder)
+    paths, _ = sort_slices([s.plane for s in list_ct_slices(folder)], folder)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(p) for p in paths])
     np.testing.assert_array_equal(sitk.GetArrayFromImage(reader.Execute()), volume)
