@@ -157,13 +157,18 @@ class CtSlice:
 _KNOWN_VRS = frozenset(vr.value for vr in VR)
 
 
-def check_value_representations(path: Path, dataset) -> None:
-    """Refuse an element whose explicit VR is none of the standard's, at any depth, before GDCM reads the file.
+#: the length a DICOM element declares when its end is marked by a delimiter instead (sequences, encapsulated pixels)
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 
-    The two parsers disagree on such an element: pydicom reads a 2-byte length after it, GDCM a 4-byte one
-    (as for OB), so GDCM takes the next bytes as a length of up to 4 GB and allocates it: a 4.7 kB slice with a
-    private element of VR 'D(' made SimpleITK take 1.2 GB (found by the dicom fuzz target, which then ran out
-    of memory). pydicom keeps each element raw until it is used, so the VR is checked without converting values.
+
+def check_element_encoding(path: Path, dataset) -> None:
+    """Refuse an element GDCM would read differently from pydicom, at any depth, before GDCM reads the file.
+
+    GDCM trusts what a file declares and allocates it up front; pydicom reads what is there. Two findings of the
+    dicom fuzz target, each passing every other check: an explicit VR that is none of the standard's (pydicom
+    reads a 2-byte length after it, GDCM a 4-byte one: a 4.7 kB slice with a private element of VR 'D(' made
+    SimpleITK take 1.2 GB), and a defined length longer than the file (pixel data declaring 4 GB, 3840 bytes
+    there: 4.2 GB and 11-19 s in GDCM). pydicom keeps each element raw until it is used, so nothing is converted.
     """
     pending = [dataset.file_meta, dataset] if getattr(dataset, "file_meta", None) is not None else [dataset]
     while pending:
@@ -176,6 +181,9 @@ def check_value_representations(path: Path, dataset) -> None:
                 vr = str(raw.VR)
             if vr not in _KNOWN_VRS:
                 raise InputError(f"{path}: element {tag} has the value representation {vr!r}, which DICOM does not define")
+            declared, value = getattr(raw, "length", None), getattr(raw, "value", None)
+            if declared not in (None, _UNDEFINED_LENGTH) and isinstance(value, bytes) and len(value) < declared:
+                raise InputError(f"{path}: element {tag} declares {declared} bytes but the file holds {len(value)}: truncated or corrupt")
             if vr == "SQ":
                 try:
                     items = list(current[tag].value)
@@ -193,12 +201,15 @@ def check_pixel_data(path: Path) -> None:
     """
     try:
         dataset = pydicom.dcmread(path)
+    except Exception:  # the header parsed before (read_header); what fails now is the data after it
+        raise InputError(f"{path}: cannot parse its pixel data") from None
+    check_element_encoding(path, dataset)  # first: reading a value below turns its raw element (declared length) into a value
+    try:
         pixel_data = dataset.get("PixelData")
         compressed = bool(dataset.file_meta.TransferSyntaxUID.is_compressed)
         needed = int(dataset.Rows) * int(dataset.Columns) * int(dataset.get("SamplesPerPixel", 1) or 1) * int(dataset.BitsAllocated) // 8
     except Exception:  # the header parsed before (read_header); what fails now is the data after it, or its description
         raise InputError(f"{path}: cannot parse its pixel data or the attributes that describe it") from None
-    check_value_representations(path, dataset)
     if not pixel_data:
         raise InputError(f"{path}: no pixel data (missing, or cut short)")
     if not compressed and len(pixel_data) < needed:

@@ -169,7 +169,7 @@ def test_a_dicom_slice_whose_pixel_data_is_missing_or_overdeclared_is_refused_be
     else:  # the fuzz find's shape
         path.write_bytes(data[:at] + struct.pack("<I", 0x0F000000) + data[at + 4 : at + 44])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with pytest.raises(InputError, match=f"{path.name}: (no pixel data|pixel data holds .* truncated)"):
+    with pytest.raises(InputError, match=f"{path.name}: (no pixel data|pixel data holds .* truncated|element \\(7FE0,0010\\) declares .* holds .*: truncated)"):
         read_dicom_series(folder)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB: GDCM never got the file
 
