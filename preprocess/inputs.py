@@ -197,7 +197,8 @@ def find_cases(input_dir: Path, *, slug: str | None = None, vertebrae_slug: str 
             interface = entry.get("interface") if isinstance(entry, dict) else None
             if not isinstance(interface, dict):
                 raise InputError(f"{inputs_json}: an entry has no 'interface' object")
-            if interface.get("kind") in IMAGE_KINDS or interface.get("super_kind") == "Image":
+            kind = interface.get("kind")
+            if (isinstance(kind, str) and kind in IMAGE_KINDS) or interface.get("super_kind") == "Image":  # a list is no kind (fuzzing)
                 sockets.append(interface)
         vertebra_sockets = [s for s in sockets if vertebrae_slug is not None and s.get("slug") == vertebrae_slug]
         sockets = [s for s in sockets if s not in vertebra_sockets]

@@ -143,17 +143,22 @@ def check_detached_header(path: Path) -> None:
     A header may name its voxel data file: it must be a regular file beside the header. Refuses what
     would make the reader leave the input folder (an absolute path, `..`, a symlink out), read a device
     or a FIFO (a hang), or follow a list or a file-name pattern. A MetaImage's NDims must be a count
-    ITK reads (1-5): ITK's MetaImage reader dies of a segmentation fault on a large or negative one.
+    ITK reads (1-5): ITK's MetaImage reader dies of a segmentation fault on a large or negative one; and
+    every line of a MetaImage header up to its data must be a `Key = Value` pair without a NUL byte.
     """
     with open(path, "rb") as stream:
         head = stream.read(1 << 16)
     metaimage = path.name.lower().endswith((".mha", ".mhd"))
-    for raw in head.split(b"\n"):
+    for number, raw in enumerate(head.split(b"\n"), start=1):
         line = raw.decode("latin-1").strip()
         if not metaimage and not line:
             return  # the end of an NRRD header
         key, separator, value = line.partition("=" if metaimage else ":")
         key, value = key.strip().lower(), value.strip()
+        if metaimage and line and (not separator or "\0" in line):
+            # MetaIO reads a key up to its "=", across line ends, and compares it as a C string (up to a NUL): a line
+            # "NDims<NUL>..." took a later line's "= 306" as NDims and crashed ITK (SIGSEGV; found by the image target)
+            raise InputError(f"{path}: line {number} is no 'Key = Value' pair without NUL bytes: not a MetaImage header ITK may read")
         if metaimage and separator and key == "ndims":
             count = value.split()[0] if value.split() else ""
             if not (count.isascii() and count.isdigit()) or not 1 <= int(count) <= _MAX_IO_DIMENSION:  # "²" is a digit to str

@@ -254,3 +254,15 @@ def test_each_stored_dicom_fuzz_find_is_refused_with_one_named_input_error(tmp_p
     with pytest.raises(InputError, match=f"^{folder}"):  # the folder, or the file in it
         read_dicom_series(folder)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "tests" / "fuzz_finds").iterdir() if p.name != "README.md"))
+def test_each_stored_fuzz_find_passes_its_target_in_a_child_process(tmp_path, name):
+    """Every find, through the very harness that found it (a segmentation fault kills only the child): the target
+    returns, i.e. the reader read it or raised TrunkSegError. The file's name begins with its target."""
+    if not _atheris_available():
+        pytest.skip("atheris is not installed (pip install -r requirements/dev.txt)")
+    target = next(t for t in ("inputs-json", "image", "dicom") if name.startswith(f"{t}-"))
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fuzz_inputs.py"), target, str(REPO / "tests" / "fuzz_finds" / name)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, f"{name} through the {target} target: exit {done.returncode}\n{done.stderr[-2000:]}"
