@@ -697,19 +697,21 @@ def run_timings(session: Session, ct: dict, packages: dict, *, sizes: Sizes, dev
                             f"stage times from segment_torch's CUDA events; 'unaccounted' = wall - stages (host staging, waits, "
                             f"copies the pipeline does not overlap); transfers measured on their own (first row)")
     session.run_row("timings", "transfers", lambda: measure_transfers(ct["volume_zyx"], device=device))
-    for model in ("paper", "demo"):
-        reference: dict = {}
-        for precision, graphs in PRECISION_ROWS:
+    references: dict = {}  # per model: the labels of its first row (fp32, batch 1)
+    # CUDA graphs last: a capture that goes wrong (the next chunk's upload runs in a worker thread meanwhile) cannot
+    # then cost the eager rows of the other model
+    for precision, graphs in PRECISION_ROWS:
+        for model in ("paper", "demo"):
             for batch_size in BATCH_SIZES:
                 def measure() -> dict:
                     row, labels = time_pipeline(packages[model], ct, precision=precision, cuda_graphs=graphs, batch_size=batch_size,
-                                                device=device, repeats=sizes.repeats, reference_labels=reference.get("labels"))
-                    reference.setdefault("labels", labels)
+                                                device=device, repeats=sizes.repeats, reference_labels=references.get(model))
+                    references.setdefault(model, labels)
                     return {"model": model, **row}
 
                 session.run_row("timings", f"{model} {precision}{' graphs' if graphs else ''} b{batch_size}", measure)
-        reference.clear()
-        release_device_memory()
+    references.clear()
+    release_device_memory()
 
 
 if __name__ == "__main__":
