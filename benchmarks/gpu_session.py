@@ -27,9 +27,10 @@ and recorded, not a failure). --budget-s: rows that would start after it are rec
 --rehearse runs the very same code on the CPU device with a 64x64x6 CT and a small network of the paper's family:
 TorchCudaRunner is constructed as on the GPU, then a CPU stand-in runs its network (float32; fp16 gets the float32
 normalisation islands, but no autocast and no CUDA graphs); CUDA events, pinned copies and peak memory become wall
-clocks, plain copies and None. It blocks SimpleITK, pydicom, highdicom, openvino and atheris as the GPU machine
-lacks them (sys.modules[name] = None: importing fails, importlib.util.find_spec says None, here and in the pytest
-subprocess); --block-imports NAME... blocks others, `--block-imports` with no name none.
+clocks, plain copies and None; torch and ONNX Runtime use one thread. It blocks SimpleITK, pydicom, highdicom,
+openvino and atheris as the GPU machine lacks them (sys.modules[name] = None: importing fails,
+importlib.util.find_spec says None, here and in the pytest subprocess); --block-imports NAME... blocks others,
+`--block-imports` with no name none.
 
 dynamic_network_architectures (the networks' code) is not installed on the GPU machine: --stage-deps copies the
 installed distribution (pure Python, about 0.3 MB) to .gpu-deps/ (git-ignored); carry that folder along, and --deps
@@ -595,7 +596,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stage-deps", nargs="?", type=Path, const=DEFAULT_DEPS, default=None, metavar="DIR",
                         help=f"copy {', '.join(STAGED_DISTRIBUTIONS)} from this Python to DIR (default .gpu-deps) and exit")
     parser.add_argument("--skip", nargs="*", default=[], choices=("pytest", "agreement", "timings"), help="leave out these steps")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="ONNX Runtime threads of the reference")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads of the reference (default: every usable CPU; 1 with --rehearse)")
     args = parser.parse_args(argv)
     if args.stage_deps is None and args.out is None:
         parser.error("--out is required")
@@ -619,11 +620,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     sizes = REHEARSAL_SIZES if args.rehearse else GPU_SIZES
+    if args.rehearse:  # one thread: tiny work, and a busy CI machine cannot stall torch's thread pool (10x slower seen)
+        torch.set_num_threads(1)
+    threads = args.threads or (1 if args.rehearse else len(os.sched_getaffinity(0)))
     device = torch.device("cuda" if torch.cuda.is_available() and not args.rehearse else "cpu")
     args.out.mkdir(parents=True, exist_ok=True)
     session = Session(args.out, budget_s=args.budget_s, meta={
         "mode": "rehearse" if args.rehearse else "gpu", "started_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": sys.argv,
-        "device": str(device), "sizes": {k: v for k, v in vars(sizes).items()}})
+        "device": str(device), "torch_threads": torch.get_num_threads(), "ort_threads": threads, "sizes": dict(vars(sizes))})
 
     session.step("environment")
     environment = session.run_row("environment", "environment", lambda: describe_environment(device=device, blocked=blocked, deps=deps),
@@ -655,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ct, packages = inputs["ct"], {name: inputs[name] for name in ("paper", "demo")}
             if "agreement" not in args.skip:
-                run_agreement(session, ct, packages, sizes=sizes, device=device, threads=args.threads)
+                run_agreement(session, ct, packages, sizes=sizes, device=device, threads=threads)
             if "timings" not in args.skip:
                 run_timings(session, ct, packages, sizes=sizes, device=device)
     finally:
