@@ -347,7 +347,8 @@ def describe_environment(*, device, blocked: list[str], deps: str | None) -> dic
     missing = [name for name in STAGED_DISTRIBUTIONS if info["modules"][name] == "absent"]
     if missing:  # every network of this path is built by it: say how to bring it, first thing
         print(f"MISSING: {', '.join(missing)}: stage it here with `benchmarks/gpu_session.py --stage-deps` and carry .gpu-deps", flush=True)
-    info["summary"] = (f"{'MISSING ' + ', '.join(missing) + '; ' if missing else ''}" f"{info.get('gpu', 'no GPU')} (sm {info.get('compute_capability')}), driver {info['driver']}, torch {info['torch']}, "
+    info["summary"] = (f"{'MISSING ' + ', '.join(missing) + '; ' if missing else ''}{info.get('gpu', 'no GPU')} "
+                       f"(sm {info.get('compute_capability')}), driver {info['driver']}, torch {info['torch']}, "
                        f"CUDA {info['torch_cuda']}, cuDNN {info['cudnn']}, TensorRT {info['tensorrt']}")
     return info
 
@@ -556,7 +557,8 @@ def format_report(data: dict) -> str:
             lines += [f"- {row['name']}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k not in ("name", "status")) for row in ok]
         elif name == "pytest":
             for row in ok:
-                lines += [f"- {row['summary']} (exit status {row['returncode']}, {row['seconds_pytest']} s)"] + [f"  - {s}" for s in row["skip_reasons"]]
+                lines.append(f"- {row['summary']} (exit status {row['returncode']}, {row['seconds_pytest']} s)")
+                lines += [f"  - {reason}" for reason in row["skip_reasons"]]
         elif name == "agreement":
             lines += ["| row | runner | slices | ORT fp32 CPU s | device s | voxel agreement | min Dice (labels) | labels below the bar | bar met |",
                       "|---|---|---:|---:|---:|---:|---:|---|---|"]
@@ -592,11 +594,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=420.0, help="rows that would start after this many seconds are skipped (default 420)")
     parser.add_argument("--block-imports", nargs="*", default=None, metavar="MODULE",
                         help=f"make these unimportable (default with --rehearse: {' '.join(MISSING_THERE)}; else none)")
-    parser.add_argument("--deps", type=Path, default=DEFAULT_DEPS, help="staged pure-Python distributions put first on the path if present (default .gpu-deps)")
+    parser.add_argument("--deps", type=Path, default=DEFAULT_DEPS,
+                        help="staged pure-Python distributions, put first on the path if the folder exists (default .gpu-deps)")
     parser.add_argument("--stage-deps", nargs="?", type=Path, const=DEFAULT_DEPS, default=None, metavar="DIR",
                         help=f"copy {', '.join(STAGED_DISTRIBUTIONS)} from this Python to DIR (default .gpu-deps) and exit")
     parser.add_argument("--skip", nargs="*", default=[], choices=("pytest", "agreement", "timings"), help="leave out these steps")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads of the reference (default: every usable CPU; 1 with --rehearse)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="ONNX Runtime threads of the reference (default: every usable CPU; 1 with --rehearse)")
     args = parser.parse_args(argv)
     if args.stage_deps is None and args.out is None:
         parser.error("--out is required")

@@ -39,7 +39,8 @@ def paper_package(folder: Path, *, spacing_mm: float, seed: int = 0, features_pe
     card = ModelCard(
         name="bench-paper-size-random" if paper else "bench-paper-family-small-random", version="0",
         description=("nnU-Net default 2d plan for 512x512 CT, random weights (benchmark only)" if paper else
-                     f"the paper network's family at features {list(features_per_stage)}, {tile_size[0]}x{tile_size[1]} tiles, random weights (rehearsal only)"),
+                     f"the paper network's family at features {list(features_per_stage)}, {tile_size[0]}x{tile_size[1]} tiles, "
+                     "random weights (rehearsal only)"),
         channel_labels=tuple(range(23)), frame="LPS", pixel_spacing_mm=(spacing_mm, spacing_mm), tile_size=tuple(tile_size),
         normalization=Normalization("CT", clip_low=-180.0, clip_high=250.0, mean=30.0, std=70.0),
         network_class_name=name, arch_kwargs=arch,
