@@ -40,9 +40,10 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.paper_network import paper_package  # noqa: E402  (the `paper` model; bench_openvino_norm.py and gpu_session.py build it too)
+
 #: runtime-precision runs of process.py; the first is the reference of the agreement columns
 DEFAULT_RUNS = ("onnxruntime-fp32", "openvino-fp32", "openvino-bf16", "openvino-int8", "openvino-int8+bf16", "onnxruntime-int8")
-PAPER_FEATURES = [32, 64, 128, 256, 512, 512, 512, 512]
 
 
 def run_child(args: list[str], env: dict) -> tuple[float, float, str]:
@@ -55,37 +56,6 @@ def run_child(args: list[str], env: dict) -> tuple[float, float, str]:
     if code != 0:
         raise SystemExit(f"{' '.join(args[:4])} failed ({code}):\n{stderr[-3000:]}")
     return time.perf_counter() - started, usage.ru_maxrss / 1024, stderr
-
-
-def paper_package(folder: Path, *, spacing_mm: float, seed: int = 0) -> Path:
-    """A package of nnU-Net's default 2d network for 512x512 CT (seeded random weights), with its ONNX export."""
-    import torch
-    from safetensors.torch import save_model
-
-    from model.export import export_onnx
-    from model.network import build_network, plain_unet_kwargs
-    from model.package import ModelCard, Normalization, write_model_card
-
-    folder.mkdir(parents=True, exist_ok=True)
-    arch = plain_unet_kwargs(features_per_stage=PAPER_FEATURES, strides=[1, 2, 2, 2, 2, 2, 2, 2])
-    torch.manual_seed(seed)
-    name = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
-    network = build_network(network_class_name=name, arch_kwargs=arch, input_channels=1, num_classes=23).eval()
-    with torch.no_grad():  # nnU-Net's init leaves every InstanceNorm at identity: perturb so that classes differ
-        for parameter in network.parameters():
-            parameter += 0.1 * torch.randn_like(parameter)
-    save_model(network, str(folder / "weights.safetensors"))
-    export_onnx(network, folder / "model.onnx", input_channels=1, tile_size=(512, 512))
-    card = ModelCard(
-        name="bench-paper-size-random", version="0", description="nnU-Net default 2d plan for 512x512 CT, random weights (benchmark only)",
-        channel_labels=tuple(range(23)), frame="LPS", pixel_spacing_mm=(spacing_mm, spacing_mm), tile_size=(512, 512),
-        normalization=Normalization("CT", clip_low=-180.0, clip_high=250.0, mean=30.0, std=70.0),
-        network_class_name=name, arch_kwargs=arch,
-        files={"weights": {"path": "weights.safetensors"}, "onnx": {"path": "model.onnx"}},
-        provenance={"parameters": int(sum(p.numel() for p in network.parameters()))},
-    )
-    write_model_card(card, folder)
-    return folder
 
 
 def labels_of(path: Path) -> np.ndarray:

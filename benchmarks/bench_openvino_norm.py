@@ -59,7 +59,7 @@ def main() -> int:
     import openvino
     import torch
 
-    from benchmarks.bench_cpu_precision import paper_package
+    from benchmarks.paper_network import paper_package
     from model.network import load_package_network
     from model.package import load_model_package
     from model.precision import phantom_volumes

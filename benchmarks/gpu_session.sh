@@ -1,30 +1,21 @@
 #!/usr/bin/env bash
-# Everything the GPU path needs checked on a machine with a CUDA GPU, in one short run (about 5-10 minutes,
-# most of it the TensorRT engine builds). Needs a Python with this repository's requirements, torch with CUDA
-# and TensorRT (e.g. the gpu image's /opt/venv, or `pip install -r docker/requirements-gpu.txt` on top of
-# requirements/dev.txt's other pins). Prints what it finds; exits non-zero on the first failure.
+# The GPU path measured in one run (issue 18): a thin wrapper of benchmarks/gpu_session.py, which does it all in
+# under 8 minutes on a data-centre GPU: the GPU, driver, torch and CUDA; the `gpu` tests (TensorRT's skip saying why
+# where it is missing); fp16 on the GPU against ONNX Runtime fp32 on the CPU (demo and paper-sized networks, per-label
+# Dice against docs/gpu.md's bar); and the device pipeline's end-to-end timings on a 512x512x300 CT (fp32, fp16, fp16 +
+# CUDA graphs at batch 1, 8, 32). It writes DIR/session.json (after every row), DIR/report.md and DIR/pytest.log, and
+# exits non-zero if any row failed. Needs torch with CUDA, numpy, scipy, onnx, onnxruntime, safetensors and pytest; no
+# SimpleITK, pydicom or openvino. Where dynamic_network_architectures is missing, stage it beforehand with
+# `python benchmarks/gpu_session.py --stage-deps` (into .gpu-deps/, taken up from there).
 #
-#   benchmarks/gpu_session.sh [PYTHON] [SLICES]      # defaults: .venv/bin/python, 300
+#   benchmarks/gpu_session.sh [PYTHON] [DIR] [gpu_session.py options ...]   # defaults: python3, gpu-session-out
+#   benchmarks/gpu_session.sh .venv/bin/python /tmp/rehearsal --rehearse      # the same code on the CPU, tiny inputs
 #
-# Then copy the benchmark table into docs/benchmarks.md with the machine (GPU, driver, CPU) it ran on.
+# Not part of it (they need SimpleITK or TensorRT): engine builds (`python -m model.build_engine PKG`) and process.py
+# end to end per runtime (benchmarks/bench_gpu.py). Copy the tables into docs/benchmarks.md with the machine they ran on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python=${1:-.venv/bin/python}
-slices=${2:-300}
-"$python" - <<'EOF'
-from model.runtimes.gpu import cuda_status, tensorrt_version
-status = cuda_status()
-print(f"GPU: {status.description}\nTensorRT: {tensorrt_version() or 'not installed'}")
-raise SystemExit(0 if status.usable else 1)
-EOF
-# the GPU tests (they skip, saying why, where TensorRT is missing), then the CPU-side GPU-path tests
-"$python" -m pytest -q -rs -m gpu tests/test_gpu_segment.py tests/test_gpu_runtime.py tests/test_tensorrt.py
-"$python" -m pytest -q tests/test_gpu_segment.py tests/test_gpu_runtime.py tests/test_gpu_process.py tests/test_tensorrt.py
-# an engine ahead of time, as for a deployment, then the four rows of the benchmark in one run
-engines=$(mktemp -d)
-"$python" -m model.build_engine model/packages/demo-phantom --check-only
-if "$python" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('tensorrt') or u.find_spec('tensorrt_bindings')))"; then
-    "$python" -m model.build_engine model/packages/demo-phantom --out "$engines"
-fi
-"$python" benchmarks/bench_gpu.py --slices "$slices"
-rm -rf "$engines"
+python=${1:-python3}
+out=${2:-gpu-session-out}
+shift $(( $# < 2 ? $# : 2 ))
+exec "$python" benchmarks/gpu_session.py --out "$out" "$@"

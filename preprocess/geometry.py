@@ -9,11 +9,14 @@ y towards Posterior, z towards Superior.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
 
 from common.errors import InputError
+
+if TYPE_CHECKING:  # for the annotations only: Geometry needs no SimpleITK at run time (the GPU benchmark machine has none)
+    import SimpleITK as sitk
 
 _LETTER_AXIS = {"L": (0, 1), "R": (0, -1), "P": (1, 1), "A": (1, -1), "S": (2, 1), "I": (2, -1)}
 _AXIS_LETTERS = {0: ("R", "L"), 1: ("A", "P"), 2: ("I", "S")}

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -36,6 +35,8 @@ def demo_package():
 
 
 def write_volume(array_zyx: np.ndarray, path: Path, *, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=None) -> Path:
+    import SimpleITK as sitk  # here, not at the top: the GPU tests collect on a machine without SimpleITK
+
     image = sitk.GetImageFromArray(array_zyx)
     image.SetSpacing(spacing)
     image.SetOrigin(origin)
@@ -51,6 +52,8 @@ def store_in_frame(volume_zyx: np.ndarray, geometry, frame: str):
 
     Uses SimpleITK's DICOMOrient as an independent implementation of the reorientation.
     """
+    import SimpleITK as sitk
+
     image = geometry.apply_to(sitk.GetImageFromArray(volume_zyx))
     oriented = sitk.DICOMOrient(image, frame)
     return sitk.GetArrayFromImage(oriented), dict(spacing=oriented.GetSpacing(), origin=oriented.GetOrigin(), direction=oriented.GetDirection())
