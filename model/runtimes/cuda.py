@@ -128,7 +128,9 @@ class TorchCudaRunner:
                 self._eager(static_in)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: the slice pipeline's upload thread pins and copies the next chunk meanwhile, on its own stream;
+        # under the default ("global") mode CUDA refuses such calls from any thread while this stream captures
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             static_out = self._eager(static_in)
         self.graphs[size] = (graph, static_in, static_out)
         return self.graphs[size]
