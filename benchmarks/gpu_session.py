@@ -89,10 +89,11 @@ class Sizes:
     min_voxels_for_dice: int
     repeats: int
     pytest_timeout_s: float
+    margin_slices: int = 8  # slices of the fp16/fp32 margin diagnosis
 
 
 GPU_SIZES = Sizes((512, 512), 300, 0.7, None, None, {"paper": 24, "demo": 24}, 100, 2, 150.0)
-REHEARSAL_SIZES = Sizes((64, 64), 6, 0.7, (4, 8, 16), (64, 64), {"paper": 4, "demo": 4}, 1, 1, 120.0)
+REHEARSAL_SIZES = Sizes((64, 64), 6, 0.7, (4, 8, 16), (64, 64), {"paper": 4, "demo": 4}, 1, 1, 120.0, margin_slices=3)
 
 
 # --- the session: rows, the budget, the files ----------------------------------------------------------------------
@@ -564,14 +565,17 @@ def format_report(data: dict) -> str:
                       "|---|---|---:|---:|---:|---:|---:|---|---|"]
             lines += [f"| {r['name']} | {r['runner']} | {r['slices']} | {r['ort_fp32_cpu_s']} | {r['device_s']} | {percent(r['voxel_agreement'])} | "
                       f"{fmt(r['min_dice'])} ({r['labels_compared']}) | {r['labels_below_bar'] or ''} | {r['meets_bar']} |" for r in ok]
+        elif name == "margins":
+            lines += [f"- {row['name']}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k not in ("name", "status", "slice_indices"))
+                      for row in ok]
         elif name == "timings":
             table = [r for r in ok if "wall_s" in r]
             lines += [f"- {r['name']}: {r.get('summary', '')}" for r in ok if "wall_s" not in r]
             lines += ["", "| row | cold s | wall s | ms/slice | network s | normalise+resample s | blend s | back+argmax s | unaccounted s "
-                      "| peak GiB | voxels = first row of the model |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                      "| peak GiB | network calls | voxels = first row of the model |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
             lines += [f"| {r['name']} | {r['cold_s']:.2f} | {r['wall_s']:.3f} | {r['ms_per_slice']:.2f} | {r['network_s']:.3f} | "
                       f"{r['stages_s']['normalize_resample']:.3f} | {r['stages_s']['blend']:.3f} | {r['stages_s']['resample_back_argmax']:.3f} | "
-                      f"{r['unaccounted_s']:.3f} | {fmt(r['peak_gib'])} | "
+                      f"{r['unaccounted_s']:.3f} | {fmt(r['peak_gib'])} | {r.get('network_calls', '')} | "
                       f"{percent(r['voxel_agreement'])} |" for r in table]
         lines.append("")
     return "\n".join(lines) + "\n"
@@ -598,7 +602,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="staged pure-Python distributions, put first on the path if the folder exists (default .gpu-deps)")
     parser.add_argument("--stage-deps", nargs="?", type=Path, const=DEFAULT_DEPS, default=None, metavar="DIR",
                         help=f"copy {', '.join(STAGED_DISTRIBUTIONS)} from this Python to DIR (default .gpu-deps) and exit")
-    parser.add_argument("--skip", nargs="*", default=[], choices=("pytest", "agreement", "timings"), help="leave out these steps")
+    parser.add_argument("--skip", nargs="*", default=[], choices=("pytest", "agreement", "margins", "timings"), help="leave out these steps")
+    parser.add_argument("--timing-rows", default=None, metavar="REGEX",
+                        help="only the timing rows whose name matches (re.search), e.g. 'demo .*b32' (default: all)")
     parser.add_argument("--threads", type=int, default=None,
                         help="ONNX Runtime threads of the reference (default: every usable CPU; 1 with --rehearse)")
     args = parser.parse_args(argv)
@@ -656,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         session.run_row("inputs", "CT", lambda: make_ct(sizes, into=inputs))
         session.run_row("inputs", "model packages", lambda: make_packages(sizes, work, into=inputs))
         if not {"ct", "paper", "demo"} <= set(inputs):
-            for name in ("agreement", "timings"):  # recorded as not run, each with the reason
+            for name in ("agreement", "margins", "timings"):  # recorded as not run, each with the reason
                 if name not in args.skip:
                     session.step(name)["rows"].append({"name": name, "status": "skipped", "reason": "its inputs are missing (see inputs)"})
             session.save()
@@ -664,8 +670,10 @@ def main(argv: list[str] | None = None) -> int:
             ct, packages = inputs["ct"], {name: inputs[name] for name in ("paper", "demo")}
             if "agreement" not in args.skip:
                 run_agreement(session, ct, packages, sizes=sizes, device=device, threads=threads)
+            if "margins" not in args.skip:
+                run_margins(session, ct, packages, sizes=sizes, device=device)
             if "timings" not in args.skip:
-                run_timings(session, ct, packages, sizes=sizes, device=device)
+                run_timings(session, ct, packages, sizes=sizes, device=device, only=args.timing_rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         session.save(finished=True)
@@ -698,7 +706,66 @@ def run_agreement(session: Session, ct: dict, packages: dict, *, sizes: Sizes, d
                 "slice_indices": slices})
 
 
-def run_timings(session: Session, ct: dict, packages: dict, *, sizes: Sizes, device) -> None:
+def run_margins(session: Session, ct: dict, packages: dict, *, sizes: Sizes, device) -> None:
+    session.step("margins", "where the network's fp16 argmax differs from its fp32 argmax on the device, is it a near-tie? The "
+                            "fp32 top-2 logit margin at the flipped pixels against all pixels and against the fp16-fp32 logit "
+                            "error; whole slices as single tiles (no resampling), no blending")
+    for model in ("paper", "demo"):
+        slices = pick_subset(ct["volume_zyx"].shape[0], sizes.margin_slices)
+        session.run_row("margins", model, lambda: {**diagnose_margins(packages[model], ct, slices, device=device), "slice_indices": slices})
+
+
+def diagnose_margins(package, ct: dict, slices: list[int], *, device) -> dict:
+    """fp32 and fp16 logits of the same normalised slices through TorchCudaRunner (graphs off), compared pixel by pixel.
+
+    A flip is explained by rounding when the fp32 margin there (top-1 minus top-2 logit) is below the fp16 logit
+    error; `flips_within_error` says what share of the flips are. Slices are centre-cropped or padded to the tile.
+    """
+    import numpy as np
+    import torch
+
+    card = package.card
+    norm = card.normalization
+    tile_y, tile_x = card.tile_size
+    volume = ct["volume_zyx"][slices].astype(np.float32)
+    y0, x0 = max(0, (volume.shape[1] - tile_y) // 2), max(0, (volume.shape[2] - tile_x) // 2)
+    crop = volume[:, y0:y0 + tile_y, x0:x0 + tile_x]
+    tiles = np.zeros((len(slices), 1, tile_y, tile_x), np.float32)
+    tiles[:, 0, :crop.shape[1], :crop.shape[2]] = (np.clip(crop, norm.clip_low, norm.clip_high) - np.float32(norm.mean)) / np.float32(norm.std)
+    logits = {}
+    for precision in ("fp32", "fp16"):
+        with open_device_runner(package, precision=precision, cuda_graphs=False, device=device) as runner:
+            logits[precision] = torch.cat([runner.run_device(torch.from_numpy(tiles[i:i + 4]).to(device)).float()
+                                           for i in range(0, len(tiles), 4)])
+    full, half = logits["fp32"], logits["fp16"]
+    top2 = torch.topk(full, 2, dim=1).values
+    margin = (top2[:, 0] - top2[:, 1]).flatten()
+    flipped = (full.argmax(1) != half.argmax(1)).flatten()
+    error = (half - full).abs().amax(1).flatten()  # the largest logit error at each pixel
+    quantiles = torch.tensor([0.01, 0.5, 0.99], device=full.device)
+
+    def q(values) -> list:
+        if values.numel() == 0:
+            return []
+        values = values.float()
+        if values.numel() > 1 << 24:  # torch.quantile's input limit
+            values = values[torch.randperm(values.numel(), device=values.device)[: 1 << 24]]
+        return [round(float(v), 5) for v in torch.quantile(values, quantiles)]
+
+    result = {
+        "pixels": int(margin.numel()), "flipped_share": round(float(flipped.float().mean()), 6),
+        "fp16_logits_finite": bool(torch.isfinite(half).all()), "fp32_logit_abs_max": round(float(full.abs().max()), 3),
+        "fp32_logit_std": round(float(full.std()), 4),
+        "margin_q01_q50_q99_all": q(margin), "margin_q01_q50_q99_flipped": q(margin[flipped]),
+        "fp16_error_q01_q50_q99": q(error), "fp16_error_max": round(float(error.max()), 5),
+        "flips_within_error": round(float((margin[flipped] <= error[flipped]).float().mean()), 4) if flipped.any() else None,
+    }
+    del logits, full, half
+    release_device_memory()
+    return result
+
+
+def run_timings(session: Session, ct: dict, packages: dict, *, sizes: Sizes, device, only: str | None = None) -> None:
     shape = ct["volume_zyx"].shape
     session.step("timings", f"CT {shape[2]}x{shape[1]}x{shape[0]} at {ct['pixel_spacing_mm'][0]} mm in-plane "
                             f"({ct['slice_spacing_mm']:.2f} mm slices), {sizes.repeats} timed run(s) after a cold one, the fastest kept; "
@@ -717,7 +784,9 @@ def run_timings(session: Session, ct: dict, packages: dict, *, sizes: Sizes, dev
                     references.setdefault(model, labels)
                     return {"model": model, **row}
 
-                session.run_row("timings", f"{model} {precision}{' graphs' if graphs else ''} b{batch_size}", measure)
+                name = f"{model} {precision}{' graphs' if graphs else ''} b{batch_size}"
+                if only is None or re.search(only, name):
+                    session.run_row("timings", name, measure)
     references.clear()
     release_device_memory()
 

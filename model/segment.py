@@ -158,11 +158,17 @@ class TilePlan:
         return slice(top, top + self.model_shape_yx[0]), slice(left, left + self.model_shape_yx[1])
 
     def chunk_slices(self, n_slices: int, *, bytes_per_slice: int, chunk_bytes: int, batch_size: int) -> int:
-        """Slices per chunk under a memory budget, rounded down to whole batches of tiles where that is possible."""
+        """Slices per chunk under a memory budget, rounded down to whole batches of tiles where that is possible.
+
+        A budget that holds less than one batch keeps what it holds: rounding that down gave chunks of one slice,
+        i.e. a network call per slice (found on the H200: the demo model at batch 32, 25 slices to a 1 GiB chunk,
+        ran at 6.4 ms a slice against 1.0 at batch 8).
+        """
         chunk = max(1, min(n_slices, chunk_bytes // bytes_per_slice))
         n_offsets = len(self.offsets)
         if chunk >= n_offsets and batch_size > n_offsets:
-            chunk = max(1, (chunk * n_offsets // batch_size) * batch_size // n_offsets)
+            whole_batches = (chunk * n_offsets // batch_size) * batch_size // n_offsets
+            chunk = whole_batches if whole_batches > 0 else chunk
         return chunk
 
 

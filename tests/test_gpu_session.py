@@ -40,7 +40,7 @@ def test_rehearsal_runs_every_step_as_the_gpu_machine_would(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     session = json.loads((out / "session.json").read_text())
     steps = session["steps"]
-    assert list(steps) == ["environment", "pytest", "inputs", "agreement", "timings"]
+    assert list(steps) == ["environment", "pytest", "inputs", "agreement", "margins", "timings"]
     assert session["finished"] and session["failed_rows"] == []
     assert [(step, row["name"]) for step, body in steps.items() for row in body["rows"] if row["status"] != "ok"] == []
 
@@ -54,6 +54,9 @@ def test_rehearsal_runs_every_step_as_the_gpu_machine_would(tmp_path):
     agreement = steps["agreement"]["rows"]
     assert [row["name"] for row in agreement] == ["demo fp16", "demo fp32", "paper fp16", "paper fp32"]
     assert all(row["meets_bar"] and row["labels_compared"] > 3 for row in agreement)  # float32 on both sides here
+    margins = steps["margins"]["rows"]
+    assert [row["name"] for row in margins] == ["paper", "demo"]
+    assert all(row["fp16_logits_finite"] and row["pixels"] > 0 and 0 <= row["flipped_share"] <= 1 for row in margins)
     timings = steps["timings"]["rows"]
     assert len(timings) == 1 + 2 * 3 * 3 and timings[0]["name"] == "transfers"
     for row in timings[1:]:
@@ -71,8 +74,8 @@ def test_a_budget_used_up_skips_every_row_after_the_environment_and_still_writes
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     steps = json.loads((tmp_path / "out" / "session.json").read_text())["steps"]
     assert steps["environment"]["rows"][0]["status"] == "ok"
-    assert list(steps) == ["environment", "inputs", "agreement", "timings"]
-    assert {row["status"] for name in ("inputs", "agreement", "timings") for row in steps[name]["rows"]} == {"skipped"}
+    assert list(steps) == ["environment", "inputs", "agreement", "margins", "timings"]
+    assert {row["status"] for name in ("inputs", "agreement", "margins", "timings") for row in steps[name]["rows"]} == {"skipped"}
 
 
 def test_a_failing_row_is_recorded_and_the_next_one_runs(tmp_path):

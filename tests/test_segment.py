@@ -110,6 +110,16 @@ def test_tile_plan_resamples_and_covers_one_tile():
     assert len(several.offsets) == 4 * 5 and several.chunk_slices(100, bytes_per_slice=10, chunk_bytes=1000, batch_size=16) == 100
 
 
+def test_a_chunk_budget_below_one_batch_keeps_the_slices_it_holds_not_one():
+    """Found on the H200 (docs/benchmarks.md): 25 slices fit the budget, batch 32 rounded that down to 0, then 1
+    slice a chunk, a network call a slice (6.4 ms a slice at batch 32 against 1.0 ms at batch 8)."""
+    plan = TilePlan.of((30, 30), pixel_spacing_mm=(0.9, 0.9), card=_card())
+    assert plan.single_tile
+    assert plan.chunk_slices(300, bytes_per_slice=41_404_416, chunk_bytes=1024**3, batch_size=32) == 25  # the demo model's figures
+    assert plan.chunk_slices(300, bytes_per_slice=41_404_416, chunk_bytes=1024**3, batch_size=8) == 24  # whole batches where possible
+    assert plan.chunk_slices(300, bytes_per_slice=10, chunk_bytes=5, batch_size=32) == 1  # less than a slice: still one
+
+
 @pytest.mark.parametrize("shape", [(3, 70, 90), (2, 20, 25), (4, 32, 32)], ids=["tiled", "padded", "exact"])
 def test_linear_network_gives_exact_threshold_through_tiles_and_blending(shape):
     rng = np.random.default_rng(0)
