@@ -100,3 +100,34 @@ def test_json_ready_turns_numpy_numbers_and_non_finite_floats_into_json():
     gpu_session = load_script()
     ready = gpu_session.json_ready({1: np.float32(0.5), "x": [np.int64(3), float("nan"), np.float64("inf")], "s": "text"})
     assert json.dumps(ready, allow_nan=False) == '{"1": 0.5, "x": [3, null, null], "s": "text"}'
+
+
+VARIANTS = REPO / "benchmarks" / "gpu_network_variants.py"
+EAGER_VARIANTS = ["fp32", "fp32-tf32", "fp16-islands", "fp16-pure", "bf16-islands"]
+
+
+def run_variants(out: Path, *only: str) -> dict:
+    done = subprocess.run([sys.executable, str(VARIANTS), "--rehearse", "--out", str(out), "--only", *only],
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads((out / "variants.json").read_text())
+
+
+def test_network_variants_rehearse_every_eager_form_and_count_flops(tmp_path):
+    """benchmarks/gpu_network_variants.py, rehearsed on the CPU as its GPU call runs: every eager form measures,
+    FLOPs are counted and fp32 is its own reference (no flips)."""
+    result = run_variants(tmp_path, *EAGER_VARIANTS)
+    rows = {row["name"]: row for row in result["rows"]}
+    assert list(rows) == EAGER_VARIANTS and all(row["status"] == "ok" and row["seconds"] > 0 for row in rows.values())
+    assert result["gflop_per_slice"] > 0 and result["limit_s"] > 0 and rows["fp32"]["flipped_vs_fp32"] == 0.0
+    assert all(0 <= row["flipped_vs_fp32"] < 0.5 for row in rows.values())
+
+
+def test_network_variants_rehearse_the_compiled_form(tmp_path):
+    """torch.compile on the CPU needs a C++ compiler (inductor); the GPU machine has one."""
+    import shutil
+
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("no C++ compiler here: torch.compile's CPU backend needs one")
+    rows = run_variants(tmp_path, "fp16-islands-compiled")["rows"]
+    assert [row["status"] for row in rows] == ["ok"] and "compiled in" in rows[0]["note"]
