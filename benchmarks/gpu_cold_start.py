@@ -13,7 +13,10 @@ parent timestamps at its spawn
    CUDA start-up, the network on the GPU), and takes its segmenter (segmenter_for, the runner's preferred batch);
 4. loads the CT array from .npy (`load_s`, a stand-in for the reader: a raw array, not a compressed .mha);
 5. segments it (`first_segment_s`: cuDNN autotuning and graph capture included), then once more (`second_segment_s`).
-`to_labels_s` is the spawn to the first labels. Writes DIR/cold_start.json and prints a table.
+`to_labels_s` is the spawn to the first labels. Rows (ROWS): each model as the product runs it, and with one thing
+changed after the runtime started, to see where a cold first CT's time goes: `no-padding` runs the last, short batch
+at its own size (as before model/runtimes/cuda.padded_batch_size), `benchmark-off` turns cuDNN's autotuning off.
+Writes DIR/cold_start.json and prints a table.
 """
 
 from __future__ import annotations
@@ -30,7 +33,13 @@ REPO = Path(__file__).resolve().parents[1]
 DEPS = REPO / ".gpu-deps"  # benchmarks/gpu_session.py --stage-deps: the network code the GPU machine lacks
 
 
-def run_child(package_dir: str, ct_path: str, spawned_at: float, rehearse: bool) -> dict:
+#: what a child changes after the runtime started (measurement only): the product as it is, its short last batch run
+#: at its own size (as before padded_batch_size), or cuDNN's autotuning off
+VARIANTS = ("product", "no-padding", "benchmark-off")
+ROWS = (("demo", "product"), ("demo", "no-padding"), ("paper", "product"), ("paper", "no-padding"), ("paper", "benchmark-off"))
+
+
+def run_child(package_dir: str, ct_path: str, spawned_at: float, rehearse: bool, variant: str) -> dict:
     entered = time.time()
     for path in (DEPS, REPO):
         if path.is_dir() and str(path) not in sys.path:
@@ -51,6 +60,12 @@ def run_child(package_dir: str, ct_path: str, spawned_at: float, rehearse: bool)
     with start_chosen_runtime(runtime_name, "auto", package, threads=1 if rehearse else len(__import__("os").sched_getaffinity(0)),
                               log=lambda message: None) as started_runtime:
         segment, network, batch_size = segmenter_for(started_runtime.runtime, None)
+        runner = started_runtime.runtime
+        applied = hasattr(runner, "pad_batches")  # the torch-cuda runner (not the rehearsal's ONNX Runtime)
+        if applied and variant == "no-padding":
+            runner.pad_batches = False
+        if applied and variant == "benchmark-off":
+            torch.backends.cudnn.benchmark = False
         marks["runtime_s"] = time.time() - started
         started = time.time()
         ct = np.load(ct_path)
@@ -65,7 +80,7 @@ def run_child(package_dir: str, ct_path: str, spawned_at: float, rehearse: bool)
                 marks["to_labels_s"] = time.time() - spawned_at
         description = started_runtime.describe()
     return {**{k: round(v, 3) for k, v in marks.items()}, "runtime": description["name"], "precision": description["precision"],
-            "batch_size": batch_size, "labels_shape": list(labels.shape), "labelled_share": round(float(np.mean(labels > 0)), 4),
+            "batch_size": batch_size, "variant_applied": applied, "labels_shape": list(labels.shape), "labelled_share": round(float(np.mean(labels > 0)), 4),
             "torch": torch.__version__}
 
 
@@ -73,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--rehearse", action="store_true", help="the CPU (ONNX Runtime), a 64x64x4 CT and a small network")
-    parser.add_argument("--child", nargs=3, metavar=("PACKAGE", "CT", "SPAWNED_AT"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, metavar=("PACKAGE", "CT", "SPAWNED_AT", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(run_child(args.child[0], args.child[1], float(args.child[2]), args.rehearse)))
+        print(json.dumps(run_child(args.child[0], args.child[1], float(args.child[2]), args.rehearse, args.child[3])))
         return 0
     if args.out is None:
         parser.error("--out is required")
@@ -98,11 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     packages = {"demo": REPO / "model" / "packages" / "demo-phantom",
                 "paper": paper_package(work / "paper", spacing_mm=0.7, **extra)}
     result = {"ct_shape_zyx": list(phantom.ct_zyx.shape), "rows": []}
-    for name, package in packages.items():
+    for name, variant in ROWS:
         spawned_at = time.time()
-        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(package), str(ct_path), repr(spawned_at),
-                               *(["--rehearse"] if args.rehearse else [])], capture_output=True, text=True, timeout=400)
-        row = {"model": name, "process_s": round(time.time() - spawned_at, 3)}
+        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(packages[name]), str(ct_path), repr(spawned_at),
+                               variant, *(["--rehearse"] if args.rehearse else [])], capture_output=True, text=True, timeout=400)
+        row = {"model": name, "variant": variant, "process_s": round(time.time() - spawned_at, 3)}
         if done.returncode != 0:
             row.update(status="failed", error=done.stderr[-2000:])
         else:
@@ -111,12 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row)[:600], flush=True)
         (args.out / "cold_start.json").write_text(json.dumps(result, indent=1))
     columns = ("interpreter_s", "import_s", "package_s", "runtime_s", "load_s", "first_segment_s", "to_labels_s", "second_segment_s")
-    print("| model | runtime | batch | " + " | ".join(columns) + " |\n|---|---|---:|" + "---:|" * len(columns))
+    print("| model | variant | runtime | batch | " + " | ".join(columns) + " |\n|---|---|---|---:|" + "---:|" * len(columns))
     for row in result["rows"]:
         if row["status"] == "ok":
-            print(f"| {row['model']} | {row['runtime']} {row['precision']} | {row['batch_size']} | " + " | ".join(str(row[c]) for c in columns) + " |")
+            print(f"| {row['model']} | {row['variant']} | {row['runtime']} {row['precision']} | {row['batch_size']} | "
+                  + " | ".join(str(row[c]) for c in columns) + " |")
         else:
-            print(f"| {row['model']} | failed | | {row['error'][-300:]!r} |")
+            print(f"| {row['model']} | {row['variant']} | failed | | {row['error'][-300:]!r} |")
     return 1 if any(row["status"] != "ok" for row in result["rows"]) else 0
 
 

@@ -162,7 +162,36 @@ def test_runtime_is_exited_when_the_work_fails():
     assert events == ["enter tensorrt", "exit tensorrt"]
 
 
+def test_a_short_batch_is_padded_to_the_smallest_size_already_run_that_holds_it():
+    """The tail of a volume (12 tiles after batches of 16) reuses the batch of 16: no second autotuning or graph."""
+    from model.runtimes.cuda import padded_batch_size
+
+    assert padded_batch_size(12, set()) == 12  # nothing run yet: its own size
+    assert padded_batch_size(12, {16}) == 16
+    assert padded_batch_size(3, {4, 16}) == 4  # the smallest that holds it
+    assert padded_batch_size(16, {16}) == 16
+    assert padded_batch_size(20, {16}) == 20  # a longer batch is never cut
+
+
 # --- on a GPU ------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_cuda(), reason=NO_CUDA_REASON)
+def test_a_padded_short_batch_gives_what_it_gives_alone(demo_package):
+    """Padding is per-sample safe (instance normalisation): the short batch's logits match running it unpadded."""
+    import torch
+
+    from model.runtimes.cuda import TorchCudaRunner
+
+    full = torch.randn((4, 1, *demo_package.card.tile_size), device="cuda")
+    with TorchCudaRunner(demo_package, precision="fp32", cuda_graphs=False) as alone, TorchCudaRunner(demo_package, precision="fp32") as padded:
+        alone.pad_batches = False
+        expected = alone.run_device(full[:3])
+        padded.run_device(full)
+        got = padded.run_device(full[:3])
+        assert padded.sizes_run == {4} and list(padded.graphs) == [4] and got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not has_cuda(), reason=NO_CUDA_REASON)
