@@ -338,7 +338,7 @@ def describe_environment(*, device, blocked: list[str], deps: str | None) -> dic
         "cuda_available": torch.cuda.is_available(), "cuda_status": cuda_status().description, "driver": nvidia_driver_version(),
         "tensorrt": tensorrt_version() or "not installed", "modules": describe_modules(), "blocked_imports": blocked,
         "deps_dir": deps, "nvidia_smi": smi_text, "git_commit": git_commit(),
-        "TRUNKSEG_CUDA_GRAPHS": os.environ.get("TRUNKSEG_CUDA_GRAPHS"),
+        "TRUNKSEG_CUDA_GRAPHS": os.environ.get("TRUNKSEG_CUDA_GRAPHS"), "TRUNKSEG_CUDNN_BENCHMARK": os.environ.get("TRUNKSEG_CUDNN_BENCHMARK"),
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

@@ -173,6 +173,18 @@ def test_a_short_batch_is_padded_to_the_smallest_size_already_run_that_holds_it(
     assert padded_batch_size(20, {16}) == 20  # a longer batch is never cut
 
 
+def test_cudnn_autotuning_is_off_unless_asked_for(monkeypatch):
+    """Off by default: on the H200 it cost a fresh process 1.4 s and gained nothing after (docs/benchmarks.md)."""
+    from model.runtimes.cuda import cudnn_autotuning
+
+    monkeypatch.delenv("TRUNKSEG_CUDNN_BENCHMARK", raising=False)
+    assert cudnn_autotuning() is False
+    monkeypatch.setenv("TRUNKSEG_CUDNN_BENCHMARK", "1")
+    assert cudnn_autotuning() is True
+    monkeypatch.setenv("TRUNKSEG_CUDNN_BENCHMARK", "0")
+    assert cudnn_autotuning() is False
+
+
 # --- on a GPU ------------------------------------------------------------------------------------------------
 
 @pytest.mark.gpu

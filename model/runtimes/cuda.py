@@ -71,6 +71,17 @@ def float32_norms(network: torch.nn.Module) -> torch.nn.Module:
     return network
 
 
+def cudnn_autotuning() -> bool:
+    """Whether cuDNN times its convolution algorithms on first use (`TRUNKSEG_CUDNN_BENCHMARK=1`); off by default.
+
+    Measured on an H200 for the paper-sized network (fp16, batch 16, 512x512x300; benchmarks/gpu_cold_start.py): the
+    autotuning added 1.4 s to a fresh process's first CT (3.0 s against 1.5 s) and gained nothing after it (0.73 s
+    against 0.72 s a CT). At fp32 and batch 32 it took 43 s. A job segments one CT per process, so it is off.
+    Turn it on for a long multi-case run with a network it does speed up.
+    """
+    return os.environ.get("TRUNKSEG_CUDNN_BENCHMARK", "0") == "1"
+
+
 def padded_batch_size(count: int, sizes_run: set[int]) -> int:
     """The batch size to run `count` tiles at: the smallest size already run that holds them, else `count`.
 
@@ -114,7 +125,7 @@ class TorchCudaRunner:
         network = load_package_network(self.package)
         if self.precision == "fp16":
             float32_norms(network)
-        torch.backends.cudnn.benchmark = True  # fixed tile shape: pick the fastest convolution once
+        torch.backends.cudnn.benchmark = cudnn_autotuning()
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         self.network = network.eval().to(self.device, memory_format=torch.channels_last)
