@@ -5,12 +5,13 @@ them), writes a munge key and a slurm.conf into a temporary folder, starts munge
 on localhost (proctrack/linuxproc and task/none: no cgroup plugin, so it runs in a container without
 cgroup delegation), submits the array script over 8 small cases in 4 shards with `sbatch --wait`,
 merges the shards and compares with one process. The array uses the venv runner (this checkout's
-Python): no image is built here. Without the Slurm binaries or root the test skips, saying why; under
+Python); a second test runs its docker runner with the algorithm image (tests/test_containers.py builds it). Without the Slurm binaries or root the test skips, saying why; under
 CI=true that is a failure.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -25,6 +26,7 @@ import pytest
 from postprocess import merge
 from tests.cluster_helpers import assert_same_as_one_process, write_small_cases
 from tests.conftest import REPO
+from tests.test_containers import ALGORITHM, algorithm_image, docker_client, make_readable  # noqa: F401 (fixtures)
 
 IN_CI = os.environ.get("CI") == "true"
 BINARIES = ("munged", "munge", "slurmctld", "slurmd", "sbatch", "sinfo", "scontrol")
@@ -180,3 +182,37 @@ def test_the_array_script_over_4_shards_merged_gives_what_one_process_gives(clus
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
     assert_same_as_one_process(tmp_path / "merged", single)
+
+
+def test_the_array_script_runs_the_algorithm_image_with_docker(cluster, docker_client, algorithm_image, tmp_path):
+    """The array script's docker runner (the default where docker works): each task runs the algorithm image with no
+    network, a read-only root and the task's CPUs and memory; the merged shards' masks are the host's, byte for byte."""
+    env, root = cluster
+    cases = tmp_path / "in"
+    ids = write_small_cases(cases, n=4)
+    make_readable(cases)
+    out = tmp_path / "out"
+    job_env = {**env, "TRUNKSEG_INPUT": str(cases), "TRUNKSEG_OUTPUT": str(out), "TRUNKSEG_RUNNER": "docker",
+               "TRUNKSEG_IMAGE": ALGORITHM, "TRUNKSEG_ARGS": " ".join(RUN_ARGS)}
+    done = subprocess.run(["sbatch", "--wait", "--parsable", "--array=0-1", "--cpus-per-task=1", "--mem=1500M", "--time=10",
+                           f"--output={root}/docker-%A_%a.out", f"--chdir={tmp_path}", str(ARRAY_SCRIPT)],
+                          env=job_env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert done.returncode == 0, f"sbatch: {done.stderr}\n{_log_tail(root)}"
+    job_id = done.stdout.strip().split(";")[0]
+    for i in range(2):
+        text = (root / f"docker-{job_id}_{i}.out").read_text()
+        assert "runner docker" in text and f"shard {i}/2 (SLURM_ARRAY_TASK_ID)" in text, text[-2000:]
+    assert merge.main([str(out / "shard-0"), str(out / "shard-1"), "--output", str(tmp_path / "merged")]) == 0
+    single = tmp_path / "single"
+    done = subprocess.run([sys.executable, str(REPO / "process.py"), "--input", str(cases), "--output", str(single), *RUN_ARGS],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    def by_case(results: Path) -> dict:  # each case's record but its input path (/input/... in the image) and timings
+        cases = json.loads(results.read_text())["cases"]
+        return {case["case_id"]: {k: v for k, v in case.items() if k not in ("input", "timings_s", "shard")} for case in cases}
+
+    merged = by_case(tmp_path / "merged" / "results.json")
+    assert sorted(merged) == ids and {case["status"] for case in merged.values()} == {"succeeded"}
+    assert merged == by_case(single / "results.json")  # the measures too: same model, runtime and code in the image
+    masks = {path.relative_to(single): path for path in (single / "images").rglob("*") if path.is_file()}
+    assert masks and all((tmp_path / "merged" / relative).read_bytes() == path.read_bytes() for relative, path in masks.items())
