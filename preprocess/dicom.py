@@ -167,7 +167,7 @@ def check_element_encoding(path: Path, dataset) -> None:
     GDCM trusts what a file declares and allocates it up front; pydicom reads what is there. Two findings of the
     dicom fuzz target, each passing every other check: an explicit VR that is none of the standard's (pydicom
     reads a 2-byte length after it, GDCM a 4-byte one: a 4.7 kB slice with a private element of VR 'D(' made
-    SimpleITK take 1.2 GB), and a defined length longer than the file (pixel data declaring 4 GB, 3840 bytes
+    SimpleITK take 1.2 GB), and a defined length longer than the file (pixel data declaring 4 GB, 3844 bytes
     there: 4.2 GB and 11-19 s in GDCM). pydicom keeps each element raw until it is used, so nothing is converted.
     """
     pending = [dataset.file_meta, dataset] if getattr(dataset, "file_meta", None) is not None else [dataset]
