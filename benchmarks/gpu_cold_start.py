@@ -31,19 +31,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEPS = REPO / ".gpu-deps"  # benchmarks/gpu_session.py --stage-deps: the network code the GPU machine lacks
+for path in (DEPS, REPO):  # this script and its children (the same file) import the product from here
+    if path.is_dir() and str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 
-#: what a child changes after the runtime started (measurement only): the product as it is, its short last batch run
-#: at its own size (as before padded_batch_size), or cuDNN's autotuning off
-VARIANTS = ("product", "no-padding", "benchmark-off")
+#: (model, what its child changes after the runtime started, for measurement only): "product" as it is, "no-padding"
+#: runs the short last batch at its own size (as before padded_batch_size), "benchmark-off" turns cuDNN's autotuning off
 ROWS = (("demo", "product"), ("demo", "no-padding"), ("paper", "product"), ("paper", "no-padding"), ("paper", "benchmark-off"))
 
 
 def run_child(package_dir: str, ct_path: str, spawned_at: float, rehearse: bool, variant: str) -> dict:
     entered = time.time()
-    for path in (DEPS, REPO):
-        if path.is_dir() and str(path) not in sys.path:
-            sys.path.insert(0, str(path))
     import numpy as np
     import torch
 
@@ -95,9 +94,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.out is None:
         parser.error("--out is required")
-    for path in (DEPS, REPO):
-        if path.is_dir() and str(path) not in sys.path:
-            sys.path.insert(0, str(path))
     import numpy as np
 
     from benchmarks.paper_network import paper_package

@@ -131,3 +131,18 @@ def test_network_variants_rehearse_the_compiled_form(tmp_path):
         pytest.skip("no C++ compiler here: torch.compile's CPU backend needs one")
     rows = run_variants(tmp_path, "fp16-islands-compiled")["rows"]
     assert [row["status"] for row in rows] == ["ok"] and "compiled in" in rows[0]["note"]
+
+
+def test_cold_start_rehearses_every_row_through_process_py_s_own_calls(tmp_path):
+    """benchmarks/gpu_cold_start.py on the CPU: each row a fresh child process that starts the runtime as process.py
+    does and segments; its phases add up to at most the spawn-to-labels time."""
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_cold_start.py"), "--rehearse", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((tmp_path / "cold_start.json").read_text())["rows"]
+    assert [(row["model"], row["variant"]) for row in rows] == [("demo", "product"), ("demo", "no-padding"), ("paper", "product"),
+                                                               ("paper", "no-padding"), ("paper", "benchmark-off")]
+    for row in rows:
+        assert row["status"] == "ok" and row["labels_shape"] == [4, 64, 64] and row["runtime"] == "onnxruntime"
+        phases = sum(row[k] for k in ("interpreter_s", "import_s", "package_s", "runtime_s", "load_s", "first_segment_s"))
+        assert 0 < phases <= row["to_labels_s"] + 0.01 <= row["process_s"] + 0.01
